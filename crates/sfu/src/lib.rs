@@ -1,0 +1,409 @@
+//! Parley's media plane as a sans-IO state machine.
+//!
+//! [`Sfu`] owns every media session (one str0m [`Rtc`] per participant, ICE-lite, RTP mode) and
+//! forwards RTP packets between the sessions of a room without decoding them. It takes time as
+//! an argument and does no I/O: the driver feeds it datagrams ([`Sfu::handle_datagram`]),
+//! commands from signaling ([`Sfu::handle_command`]) and timeouts ([`Sfu::handle_timeout`]), and
+//! drains datagrams to send ([`Sfu::poll_transmit`]) and events for signaling
+//! ([`Sfu::poll_event`]).
+//!
+//! Incoming datagrams are routed to their session through maps, never by asking each session:
+//! STUN by the local ICE ufrag in the USERNAME attribute, everything else by source address
+//! (learnt from STUN).
+
+mod session;
+mod speaking;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use parley_proto::media::{MediaCommand, MediaEvent, SessionId};
+use str0m::ice::StunMessage;
+use str0m::media::{KeyframeRequestKind, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::Input;
+
+use session::{Session, TrackOut};
+
+pub use str0m::net::Transmit;
+
+/// Static settings of the media plane.
+#[derive(Debug, Clone)]
+pub struct SfuConfig {
+    /// Addresses put in ICE host candidates (the one media port on each public address).
+    pub candidates: Vec<SocketAddr>,
+}
+
+/// The media plane: every session, room and forwarding decision.
+pub struct Sfu {
+    config: SfuConfig,
+    sessions: HashMap<SessionId, Session>,
+    rooms: HashMap<String, Vec<SessionId>>,
+    by_ufrag: HashMap<String, SessionId>,
+    by_addr: HashMap<SocketAddr, SessionId>,
+    timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
+    events: VecDeque<MediaEvent>,
+    transmits: VecDeque<Transmit>,
+    /// Sessions whose output must be polled before the next wait.
+    to_drive: Vec<SessionId>,
+}
+
+/// Do not ask a publisher for keyframes more often than this per track.
+const KEYFRAME_THROTTLE: Duration = Duration::from_millis(500);
+
+impl Sfu {
+    pub fn new(config: SfuConfig) -> Self {
+        Sfu {
+            config,
+            sessions: HashMap::new(),
+            rooms: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            by_addr: HashMap::new(),
+            timers: BinaryHeap::new(),
+            events: VecDeque::new(),
+            transmits: VecDeque::new(),
+            to_drive: Vec::new(),
+        }
+    }
+
+    /// Number of live sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// A command from the signaling plane.
+    pub fn handle_command(&mut self, cmd: MediaCommand, now: Instant) {
+        match cmd {
+            MediaCommand::Offer {
+                session,
+                room,
+                stream_id,
+                sdp,
+            } => self.handle_offer(session, room, stream_id, &sdp, now),
+            MediaCommand::Answer { session, id, sdp } => self.handle_answer(session, id, &sdp, now),
+            MediaCommand::Close { session } => self.close_session(session),
+        }
+        self.drive_all(now);
+    }
+
+    /// A datagram that arrived on the media port. Anything that is not ours is dropped.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        proto: Protocol,
+        source: SocketAddr,
+        destination: SocketAddr,
+        data: &[u8],
+    ) {
+        let Some(sid) = self.route(source, data) else {
+            tracing::trace!(%source, len = data.len(), "datagram for no session");
+            return;
+        };
+        let Ok(contents) = data.try_into() else {
+            tracing::trace!(%source, "unparseable datagram");
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let input = Input::Receive(
+            now,
+            Receive {
+                proto,
+                source,
+                destination,
+                contents,
+            },
+        );
+        if let Err(err) = session.rtc.handle_input(input) {
+            tracing::debug!(session = %sid, %err, "input refused");
+        }
+        self.to_drive.push(sid);
+        self.drive_all(now);
+    }
+
+    /// The earliest time [`Sfu::handle_timeout`] must be called.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(Reverse((at, sid))) = self.timers.peek().copied() {
+            match self.sessions.get(&sid) {
+                Some(s) if s.next_timeout == at => return Some(at),
+                _ => {
+                    self.timers.pop();
+                }
+            }
+        }
+        None
+    }
+
+    /// Advances every session whose timer is due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((at, sid))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(session) = self.sessions.get_mut(&sid) else {
+                continue;
+            };
+            if session.next_timeout != at {
+                continue;
+            }
+            if let Err(err) = session.rtc.handle_input(Input::Timeout(now)) {
+                tracing::debug!(session = %sid, %err, "timeout refused");
+            }
+            self.to_drive.push(sid);
+        }
+        self.drive_all(now);
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<MediaEvent> {
+        self.events.pop_front()
+    }
+
+    fn route(&mut self, source: SocketAddr, data: &[u8]) -> Option<SessionId> {
+        // RFC 7983: a first byte of 0..=3 is STUN.
+        if data.first().is_some_and(|b| *b < 4) {
+            if let Ok(msg) = StunMessage::parse(data) {
+                if let Some((local, _remote)) = msg.split_username() {
+                    let sid = *self.by_ufrag.get(local)?;
+                    // Learn (or move) the source address once the session's ICE agent checked
+                    // the message integrity; until then route by ufrag only.
+                    let session = self.sessions.get(&sid)?;
+                    let input_ok = msg.is_binding_request();
+                    if input_ok && self.by_addr.get(&source) != Some(&sid) {
+                        if let Some(old) = self.by_addr.insert(source, sid) {
+                            tracing::debug!(%source, from = %old, to = %sid, "address moved session");
+                        }
+                        tracing::debug!(session = %sid, %source, room = %session.room, "learnt address");
+                    }
+                    return Some(sid);
+                }
+            }
+        }
+        self.by_addr.get(&source).copied()
+    }
+
+    fn handle_offer(
+        &mut self,
+        sid: SessionId,
+        room: String,
+        stream_id: String,
+        sdp: &str,
+        now: Instant,
+    ) {
+        let offer = match str0m::change::SdpOffer::from_sdp_string(sdp) {
+            Ok(o) => o,
+            Err(err) => {
+                self.events.push_back(MediaEvent::SdpRejected {
+                    session: sid,
+                    reason: format!("invalid SDP offer: {err}"),
+                });
+                return;
+            }
+        };
+
+        if !self.sessions.contains_key(&sid) {
+            let mut session = Session::new(sid, room.clone(), stream_id, now);
+            for addr in &self.config.candidates {
+                match str0m::Candidate::host(*addr, "udp") {
+                    Ok(c) => {
+                        session.rtc.add_local_candidate(c);
+                    }
+                    Err(err) => tracing::warn!(%addr, %err, "unusable candidate address"),
+                }
+            }
+            // Subscribe the newcomer to every track already published in the room.
+            let members = self.rooms.entry(room).or_default();
+            for other in members.iter() {
+                if let Some(o) = self.sessions.get(other) {
+                    for t in &o.tracks_in {
+                        session.tracks_out.push(TrackOut::new(*other, t.mid, t.kind, &o.stream_id));
+                    }
+                }
+            }
+            members.push(sid);
+            self.sessions.insert(sid, session);
+            tracing::info!(session = %sid, "media session created");
+        }
+
+        let Some(session) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let old_ufrag = session.ufrag();
+        match session.accept_offer(offer) {
+            Ok(answer) => {
+                self.events.push_back(MediaEvent::Answer {
+                    session: sid,
+                    sdp: answer,
+                });
+            }
+            Err(reason) => {
+                self.events.push_back(MediaEvent::SdpRejected {
+                    session: sid,
+                    reason,
+                });
+            }
+        }
+        let new_ufrag = session.ufrag();
+        if old_ufrag != new_ufrag {
+            self.by_ufrag.remove(&old_ufrag);
+        }
+        self.by_ufrag.insert(new_ufrag, sid);
+        self.to_drive.push(sid);
+    }
+
+    fn handle_answer(&mut self, sid: SessionId, id: u64, sdp: &str, now: Instant) {
+        let Some(session) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let answer = match str0m::change::SdpAnswer::from_sdp_string(sdp) {
+            Ok(a) => a,
+            Err(err) => {
+                self.events.push_back(MediaEvent::SdpRejected {
+                    session: sid,
+                    reason: format!("invalid SDP answer: {err}"),
+                });
+                return;
+            }
+        };
+        match session.accept_answer(id, answer) {
+            Ok(opened) => {
+                for (source, mid, kind) in opened {
+                    if kind == MediaKind::Video {
+                        self.request_keyframe(source, mid, KeyframeRequestKind::Pli, now);
+                    }
+                }
+            }
+            Err(reason) => self.events.push_back(MediaEvent::SdpRejected {
+                session: sid,
+                reason,
+            }),
+        }
+        self.to_drive.push(sid);
+    }
+
+    fn close_session(&mut self, sid: SessionId) {
+        let Some(mut session) = self.sessions.remove(&sid) else {
+            return;
+        };
+        session.rtc.disconnect();
+        self.by_ufrag.retain(|_, s| *s != sid);
+        self.by_addr.retain(|_, s| *s != sid);
+        if let Some(members) = self.rooms.get_mut(&session.room) {
+            members.retain(|m| *m != sid);
+            for m in members.iter() {
+                if let Some(other) = self.sessions.get_mut(m) {
+                    other.source_gone(sid);
+                    self.to_drive.push(*m);
+                }
+            }
+            if members.is_empty() {
+                self.rooms.remove(&session.room);
+            }
+        }
+        self.events.push_back(MediaEvent::Closed { session: sid });
+        tracing::info!(session = %sid, "media session closed");
+    }
+
+    /// Polls every session that has work until none has, forwarding media between them.
+    fn drive_all(&mut self, now: Instant) {
+        while let Some(sid) = self.to_drive.pop() {
+            let Some(session) = self.sessions.get_mut(&sid) else {
+                continue;
+            };
+            let out = session.poll(now, &mut self.transmits, &mut self.events);
+            if session.next_timeout != out.timeout {
+                session.next_timeout = out.timeout;
+                self.timers.push(Reverse((out.timeout, sid)));
+            }
+            for added in out.tracks_added {
+                self.publish(sid, added.0, added.1);
+            }
+            for req in out.keyframe_requests {
+                self.request_keyframe(req.0, req.1, req.2, now);
+            }
+            if out.connected {
+                // A subscriber that just connected needs a keyframe of every video it receives.
+                let wanted: Vec<_> = self.sessions[&sid]
+                    .tracks_out
+                    .iter()
+                    .filter(|t| t.kind == MediaKind::Video)
+                    .map(|t| (t.source, t.source_mid))
+                    .collect();
+                for (source, mid) in wanted {
+                    self.request_keyframe(source, mid, KeyframeRequestKind::Pli, now);
+                }
+            }
+            for (mid, pkt) in out.packets {
+                self.forward(sid, mid, &pkt);
+            }
+        }
+    }
+
+    /// A session started publishing a track: offer it to everyone else in the room.
+    fn publish(&mut self, sid: SessionId, mid: Mid, kind: MediaKind) {
+        let Some(session) = self.sessions.get(&sid) else {
+            return;
+        };
+        let stream_id = session.stream_id.clone();
+        let Some(members) = self.rooms.get(&session.room) else {
+            return;
+        };
+        for m in members.iter().filter(|m| **m != sid) {
+            if let Some(other) = self.sessions.get_mut(m) {
+                other
+                    .tracks_out
+                    .push(TrackOut::new(sid, mid, kind, &stream_id));
+                self.to_drive.push(*m);
+            }
+        }
+    }
+
+    fn forward(&mut self, sid: SessionId, mid: Mid, pkt: &str0m::rtp::RtpPacket) {
+        let Some(publisher) = self.sessions.get(&sid) else {
+            return;
+        };
+        let Some(params) = publisher
+            .rtc
+            .codec_config()
+            .find(|p| p.pt() == pkt.header.payload_type)
+            .copied()
+        else {
+            return;
+        };
+        let Some(members) = self.rooms.get(&publisher.room) else {
+            return;
+        };
+        for m in members {
+            if *m == sid {
+                continue;
+            }
+            let Some(sub) = self.sessions.get_mut(m) else {
+                continue;
+            };
+            if sub.write(sid, mid, params, pkt) {
+                self.to_drive.push(*m);
+            }
+        }
+    }
+
+    fn request_keyframe(
+        &mut self,
+        source: SessionId,
+        mid: Mid,
+        kind: KeyframeRequestKind,
+        now: Instant,
+    ) {
+        if let Some(publisher) = self.sessions.get_mut(&source) {
+            if publisher.request_keyframe(mid, kind, now, KEYFRAME_THROTTLE) {
+                self.to_drive.push(source);
+            }
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! A fake-time world: one [`Sfu`] and str0m client peers exchanging datagrams in memory.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use parley_proto::media::{MediaCommand, MediaEvent, SessionId};
+use parley_sfu::{Sfu, SfuConfig};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind, MediaTime, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+
+pub const STEP: Duration = Duration::from_millis(5);
+
+pub fn init_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+pub struct Peer {
+    pub session: SessionId,
+    pub name: String,
+    pub addr: SocketAddr,
+    pub rtc: Rtc,
+    pub pending: Option<SdpPendingOffer>,
+    /// Our own sending tracks.
+    pub audio_mid: Option<Mid>,
+    pub video_mids: Vec<Mid>,
+    pub connected: bool,
+    /// Media received, by the stream id (publisher) and kind of its m-line.
+    pub received: HashMap<(String, MediaKind), u64>,
+    pub last_offer_id: Option<u64>,
+    pub audio_level: i8,
+    pub sending: bool,
+    pub frames_sent: u64,
+    pub keyframe_requests: u64,
+    pub rejected: Vec<String>,
+    pub next_audio: Instant,
+    pub next_video: Instant,
+}
+
+pub struct World {
+    pub now: Instant,
+    pub start: Instant,
+    pub sfu: Sfu,
+    pub sfu_addr: SocketAddr,
+    pub peers: Vec<Peer>,
+    pub events: Vec<MediaEvent>,
+    next_session: u64,
+}
+
+impl World {
+    pub fn new() -> Self {
+        init_log();
+        let now = Instant::now();
+        let sfu_addr: SocketAddr = (Ipv4Addr::new(10, 0, 0, 1), 8443).into();
+        World {
+            now,
+            start: now,
+            sfu: Sfu::new(SfuConfig {
+                candidates: vec![sfu_addr],
+            }),
+            sfu_addr,
+            peers: Vec::new(),
+            events: Vec::new(),
+            next_session: 1,
+        }
+    }
+
+    pub fn peer(&self, name: &str) -> usize {
+        self.peers
+            .iter()
+            .position(|p| p.name == name)
+            .expect("peer exists")
+    }
+
+    /// A client that joins `room` sending one audio and one video track.
+    pub fn join(&mut self, name: &str, room: &str) -> usize {
+        let idx = self.peers.len();
+        let addr: SocketAddr = (Ipv4Addr::new(10, 0, 1, idx as u8 + 1), 5000).into();
+        let mut rtc = Rtc::builder().build(self.now);
+        rtc.add_local_candidate(Candidate::host(addr, "udp").expect("host candidate"));
+        let mut api = rtc.sdp_api();
+        let audio = api.add_media(MediaKind::Audio, Direction::SendOnly, Some(name.into()), None, None);
+        let video = api.add_media(MediaKind::Video, Direction::SendOnly, Some(name.into()), None, None);
+        let (offer, pending) = api.apply().expect("changes");
+        let session = SessionId(self.next_session);
+        self.next_session += 1;
+        self.peers.push(Peer {
+            session,
+            name: name.into(),
+            addr,
+            rtc,
+            pending: Some(pending),
+            audio_mid: Some(audio),
+            video_mids: vec![video],
+            connected: false,
+            received: HashMap::new(),
+            last_offer_id: None,
+            audio_level: -127,
+            sending: true,
+            frames_sent: 0,
+            keyframe_requests: 0,
+            rejected: Vec::new(),
+            next_audio: self.now,
+            next_video: self.now,
+        });
+        self.sfu.handle_command(
+            MediaCommand::Offer {
+                session,
+                room: room.into(),
+                stream_id: name.into(),
+                sdp: offer.to_sdp_string(),
+            },
+            self.now,
+        );
+        idx
+    }
+
+    /// The peer adds one more video track (like a screen share) and offers it.
+    pub fn add_video(&mut self, idx: usize) -> Mid {
+        let p = &mut self.peers[idx];
+        let mut api = p.rtc.sdp_api();
+        let mid = api.add_media(MediaKind::Video, Direction::SendOnly, Some(p.name.clone()), None, None);
+        let (offer, pending) = api.apply().expect("changes");
+        p.pending = Some(pending);
+        p.video_mids.push(mid);
+        let cmd = MediaCommand::Offer {
+            session: p.session,
+            room: String::new(),
+            stream_id: p.name.clone(),
+            sdp: offer.to_sdp_string(),
+        };
+        self.sfu.handle_command(cmd, self.now);
+        mid
+    }
+
+    pub fn leave(&mut self, idx: usize) {
+        let session = self.peers[idx].session;
+        self.sfu.handle_command(MediaCommand::Close { session }, self.now);
+        self.peers[idx].sending = false;
+        self.peers[idx].rtc.disconnect();
+    }
+
+    /// Delivers signaling events from the SFU to the peers (as the signaling plane would).
+    fn signal(&mut self) {
+        while let Some(ev) = self.sfu.poll_event() {
+            self.events.push(ev.clone());
+            let Some(p) = self.peers.iter_mut().find(|p| p.session == ev.session()) else {
+                continue;
+            };
+            match ev {
+                MediaEvent::Answer { sdp, .. } => {
+                    let answer = SdpAnswer::from_sdp_string(&sdp).expect("valid answer");
+                    if let Some(pending) = p.pending.take() {
+                        p.rtc.sdp_api().accept_answer(pending, answer).expect("answer accepted");
+                    }
+                }
+                MediaEvent::Offer { id, sdp, .. } => {
+                    if p.pending.is_some() {
+                        // Impolite client: ignore the server's offer while ours is outstanding.
+                        continue;
+                    }
+                    let offer = SdpOffer::from_sdp_string(&sdp).expect("valid offer");
+                    let answer = p.rtc.sdp_api().accept_offer(offer).expect("offer accepted");
+                    p.last_offer_id = Some(id);
+                    let cmd = MediaCommand::Answer {
+                        session: p.session,
+                        id,
+                        sdp: answer.to_sdp_string(),
+                    };
+                    self.sfu.handle_command(cmd, self.now);
+                }
+                MediaEvent::SdpRejected { reason, .. } => p.rejected.push(reason),
+                _ => {}
+            }
+        }
+    }
+
+    /// One step of fake time: media generation, datagrams both ways, timers.
+    pub fn step(&mut self) {
+        self.signal();
+        let now = self.now;
+        for p in &mut self.peers {
+            p.send_media(now);
+        }
+        // Peers → SFU.
+        for i in 0..self.peers.len() {
+            loop {
+                let p = &mut self.peers[i];
+                if !p.rtc.is_alive() {
+                    break;
+                }
+                match p.rtc.poll_output().expect("peer poll") {
+                    Output::Timeout(_) => break,
+                    Output::Transmit(t) => {
+                        let addr = p.addr;
+                        self.sfu.handle_datagram(now, Protocol::Udp, addr, t.destination, &t.contents);
+                    }
+                    Output::Event(e) => p.handle_event(e),
+                }
+            }
+        }
+        // SFU → peers.
+        while let Some(t) = self.sfu.poll_transmit() {
+            let Some(p) = self.peers.iter_mut().find(|p| p.addr == t.destination) else {
+                continue;
+            };
+            if !p.rtc.is_alive() {
+                continue;
+            }
+            let data: &[u8] = &t.contents;
+            let Ok(contents) = data.try_into() else {
+                continue;
+            };
+            let input = Input::Receive(
+                now,
+                Receive { proto: Protocol::Udp, source: t.source, destination: p.addr, contents },
+            );
+            let _ = p.rtc.handle_input(input);
+        }
+        self.signal();
+        self.now += STEP;
+        let now = self.now;
+        for p in &mut self.peers {
+            if p.rtc.is_alive() {
+                let _ = p.rtc.handle_input(Input::Timeout(now));
+            }
+        }
+        if self.sfu.poll_timeout().is_some_and(|t| t <= now) {
+            self.sfu.handle_timeout(now);
+        }
+    }
+
+    pub fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.step();
+        }
+    }
+
+    /// Steps until `f` holds, failing after `limit` of fake time.
+    pub fn run_until(&mut self, limit: Duration, what: &str, mut f: impl FnMut(&World) -> bool) -> Duration {
+        let start = self.now;
+        while !f(self) {
+            assert!(self.now - start < limit, "timed out after {limit:?} waiting for: {what}");
+            self.step();
+        }
+        self.now - start
+    }
+
+    pub fn received(&self, idx: usize, from: &str, kind: MediaKind) -> u64 {
+        self.peers[idx].received.get(&(from.to_string(), kind)).copied().unwrap_or(0)
+    }
+}
+
+impl Peer {
+    fn send_media(&mut self, now: Instant) {
+        if !self.connected || !self.sending {
+            return;
+        }
+        if now >= self.next_audio {
+            self.next_audio = now + Duration::from_millis(20);
+            if let Some(mid) = self.audio_mid {
+                if let Some(w) = self.rtc.writer(mid) {
+                    let pt = w.payload_params().find(|p| p.spec().codec == Codec::Opus).map(|p| p.pt());
+                    if let Some(pt) = pt {
+                        let t = MediaTime::from_seconds((now - self.next_audio + Duration::from_secs(100)).as_secs_f64());
+                        let _ = w.audio_level(self.audio_level, true).write(pt, now, t, vec![0x55u8; 80]);
+                    }
+                }
+            }
+        }
+        if now >= self.next_video {
+            self.next_video = now + Duration::from_millis(33);
+            self.frames_sent += 1;
+            for mid in self.video_mids.clone() {
+                let Some(w) = self.rtc.writer(mid) else { continue };
+                let Some(pt) = w.payload_params().find(|p| p.spec().codec == Codec::Vp8).map(|p| p.pt()) else {
+                    continue;
+                };
+                // Every frame is a (fake) VP8 keyframe: tag, start code, 640x360.
+                let mut frame = vec![0x50, 0x2a, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0x68, 0x01];
+                frame.resize(1800, 0x11);
+                let t = MediaTime::new(self.frames_sent * 3000, str0m::media::Frequency::NINETY_KHZ);
+                let _ = w.write(pt, now, t, frame);
+            }
+        }
+    }
+
+    fn handle_event(&mut self, e: Event) {
+        tracing::debug!(peer = %self.name, "event {:?}", e);
+        match e {
+            Event::Connected => self.connected = true,
+            Event::MediaData(d) => {
+                let Some(media) = self.rtc.media(d.mid) else { return };
+                let key = (media.stream_id().to_string(), media.kind());
+                *self.received.entry(key).or_default() += 1;
+            }
+            Event::KeyframeRequest(_) => self.keyframe_requests += 1,
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! Deterministic tests of the media plane: str0m client peers, fake time, no sockets.
+
+mod harness;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use harness::World;
+use parley_proto::media::{MediaCommand, MediaEvent};
+use str0m::media::MediaKind;
+use str0m::net::Protocol;
+
+const NAMES: [&str; 3] = ["ada", "bob", "cy"];
+
+fn everyone_receives_everyone(w: &World, names: &[&str]) -> bool {
+    names.iter().all(|me| {
+        let i = w.peer(me);
+        names.iter().filter(|o| *o != me).all(|o| {
+            w.received(i, o, MediaKind::Audio) > 5 && w.received(i, o, MediaKind::Video) > 5
+        })
+    })
+}
+
+#[test]
+fn three_peers_publish_and_receive_each_other() {
+    let mut w = World::new();
+    for n in NAMES {
+        w.join(n, "room1");
+    }
+    let took = w.run_until(Duration::from_secs(5), "media from both others", |w| {
+        everyone_receives_everyone(w, &NAMES)
+    });
+    eprintln!("all media flowing after {took:?} of fake time");
+    // Nobody receives their own media.
+    for n in NAMES {
+        let i = w.peer(n);
+        assert_eq!(w.received(i, n, MediaKind::Video), 0);
+    }
+    assert_eq!(w.sfu.session_count(), 3);
+}
+
+#[test]
+fn rooms_are_isolated() {
+    let mut w = World::new();
+    w.join("ada", "one");
+    w.join("bob", "one");
+    w.join("cy", "two");
+    w.run_until(Duration::from_secs(5), "ada and bob connected", |w| {
+        everyone_receives_everyone(w, &["ada", "bob"])
+    });
+    w.run(Duration::from_secs(1));
+    let cy = w.peer("cy");
+    assert!(w.peers[cy].received.is_empty(), "cy got media from another room");
+    assert_eq!(w.received(w.peer("ada"), "cy", MediaKind::Video), 0);
+}
+
+#[test]
+fn leaving_stops_its_media_and_the_rest_continue() {
+    let mut w = World::new();
+    for n in NAMES {
+        w.join(n, "room1");
+    }
+    w.run_until(Duration::from_secs(5), "full mesh", |w| everyone_receives_everyone(w, &NAMES));
+    let cy = w.peer("cy");
+    w.leave(cy);
+    w.run(Duration::from_millis(500));
+    let ada = w.peer("ada");
+    let bob = w.peer("bob");
+    let from_cy = w.received(ada, "cy", MediaKind::Video);
+    let ada_from_bob = w.received(ada, "bob", MediaKind::Video);
+    let bob_from_ada = w.received(bob, "ada", MediaKind::Video);
+    w.run(Duration::from_secs(1));
+    assert_eq!(w.received(ada, "cy", MediaKind::Video), from_cy, "media from a leaver");
+    assert!(w.received(ada, "bob", MediaKind::Video) > ada_from_bob + 10);
+    assert!(w.received(bob, "ada", MediaKind::Video) > bob_from_ada + 10);
+    // The stayers were offered the removal of cy's m-lines, and answered.
+    for i in [ada, bob] {
+        let m = w.peers[i].rtc.media(str0m::media::Mid::from("0"));
+        let _ = m;
+        assert!(w.peers[i].last_offer_id.unwrap_or(0) >= 2, "no renegotiation after leave");
+    }
+    assert!(w.events.iter().any(|e| matches!(e, MediaEvent::Closed { .. })));
+}
+
+#[test]
+fn late_joiner_gets_existing_tracks() {
+    let mut w = World::new();
+    w.join("ada", "r");
+    w.join("bob", "r");
+    w.run_until(Duration::from_secs(5), "pair", |w| everyone_receives_everyone(w, &["ada", "bob"]));
+    w.run(Duration::from_secs(2));
+    w.join("cy", "r");
+    let took = w.run_until(Duration::from_secs(5), "late joiner in mesh", |w| {
+        everyone_receives_everyone(w, &NAMES)
+    });
+    eprintln!("late joiner receiving after {took:?}");
+}
+
+#[test]
+fn renegotiation_adds_a_track_for_everyone() {
+    let mut w = World::new();
+    for n in NAMES {
+        w.join(n, "room1");
+    }
+    w.run_until(Duration::from_secs(5), "full mesh", |w| everyone_receives_everyone(w, &NAMES));
+    let ada = w.peer("ada");
+    w.add_video(ada);
+    let bob = w.peer("bob");
+    let before = w.received(bob, "ada", MediaKind::Video);
+    // Two video m-lines from ada now: bob receives roughly twice as many frames per second.
+    w.run(Duration::from_secs(2));
+    let got = w.received(bob, "ada", MediaKind::Video) - before;
+    assert!(got > 90, "bob got {got} frames of ada's two videos in 2 s");
+}
+
+#[test]
+fn glare_converges() {
+    let mut w = World::new();
+    w.join("ada", "g");
+    w.join("bob", "g");
+    // Let the SFU's offer to ada (bob's tracks) be outstanding while ada offers a new track.
+    let ada = w.peer("ada");
+    let mut saw_glare = false;
+    for _ in 0..400 {
+        w.step();
+        let has_server_offer_pending = w.events.iter().any(|e| {
+            matches!(e, MediaEvent::Offer { session, .. } if *session == w.peers[ada].session)
+        });
+        if has_server_offer_pending && !saw_glare {
+            // Ada offers at the same time as the SFU: the client ignores the SFU's offer.
+            w.add_video(ada);
+            saw_glare = true;
+        }
+    }
+    assert!(saw_glare);
+    w.run_until(Duration::from_secs(5), "both receive after glare", |w| {
+        everyone_receives_everyone(w, &["ada", "bob"])
+    });
+    // Bob gets both of ada's videos.
+    let bob = w.peer("bob");
+    let before = w.received(bob, "ada", MediaKind::Video);
+    w.run(Duration::from_secs(2));
+    assert!(w.received(bob, "ada", MediaKind::Video) - before > 90);
+}
+
+#[test]
+fn hostile_input_is_refused_and_others_are_untouched() {
+    let mut w = World::new();
+    w.join("ada", "h");
+    w.join("bob", "h");
+    w.run_until(Duration::from_secs(5), "pair", |w| everyone_receives_everyone(w, &["ada", "bob"]));
+
+    // Garbage datagrams: from strangers, and from a participant's own address.
+    let sfu = w.sfu_addr;
+    let stranger: SocketAddr = "10.9.9.9:4000".parse().expect("addr");
+    let ada_addr = w.peers[w.peer("ada")].addr;
+    let mut junk: Vec<Vec<u8>> = vec![vec![], vec![0], vec![1, 1, 0, 0], vec![0x80; 12], vec![0x16; 40]];
+    let mut x: u32 = 12345;
+    for len in [1usize, 13, 100, 1500, 3000] {
+        junk.push((0..len).map(|_| { x = x.wrapping_mul(1_103_515_245).wrapping_add(12345); (x >> 16) as u8 }).collect());
+    }
+    // A STUN binding request with a username of an unknown ufrag.
+    let mut stun = vec![0x00, 0x01, 0x00, 0x0c, 0x21, 0x12, 0xa4, 0x42];
+    stun.extend_from_slice(&[7; 12]);
+    stun.extend_from_slice(&[0x00, 0x06, 0x00, 0x08]);
+    stun.extend_from_slice(b"nope:abc");
+    junk.push(stun);
+    for j in &junk {
+        w.sfu.handle_datagram(w.now, Protocol::Udp, stranger, sfu, j);
+        w.sfu.handle_datagram(w.now, Protocol::Udp, ada_addr, sfu, j);
+    }
+
+    // Hostile SDP: not SDP, a truncated one, a stale answer id.
+    let bob = w.peers[w.peer("bob")].session;
+    for sdp in ["hello", "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n", ""] {
+        w.sfu.handle_command(
+            MediaCommand::Offer { session: bob, room: "h".into(), stream_id: "bob".into(), sdp: sdp.into() },
+            w.now,
+        );
+        w.sfu.handle_command(MediaCommand::Answer { session: bob, id: 999, sdp: sdp.into() }, w.now);
+    }
+    w.step();
+    assert!(w.events.iter().filter(|e| matches!(e, MediaEvent::SdpRejected { .. })).count() >= 3);
+
+    let ada = w.peer("ada");
+    let before = w.received(ada, "bob", MediaKind::Video);
+    let bob_i = w.peer("bob");
+    let bob_before = w.received(bob_i, "ada", MediaKind::Video);
+    w.run(Duration::from_secs(1));
+    assert!(w.received(ada, "bob", MediaKind::Video) > before + 20);
+    assert!(w.received(bob_i, "ada", MediaKind::Video) > bob_before + 20);
+}
+
+#[test]
+fn speaking_follows_the_loud_peer() {
+    let mut w = World::new();
+    w.join("ada", "s");
+    w.join("bob", "s");
+    w.run_until(Duration::from_secs(5), "pair", |w| everyone_receives_everyone(w, &["ada", "bob"]));
+    let ada = w.peer("ada");
+    let ada_session = w.peers[ada].session;
+    w.peers[ada].audio_level = -15;
+    w.run_until(Duration::from_secs(2), "ada speaking", |w| {
+        w.events.iter().any(|e| matches!(e, MediaEvent::Speaking { session, speaking: true } if *session == ada_session))
+    });
+    w.peers[ada].audio_level = -127;
+    w.run_until(Duration::from_secs(3), "ada silent", |w| {
+        w.events.iter().any(|e| matches!(e, MediaEvent::Speaking { session, speaking: false } if *session == ada_session))
+    });
+    let bob_session = w.peers[w.peer("bob")].session;
+    assert!(!w.events.iter().any(|e| matches!(e, MediaEvent::Speaking { session, .. } if *session == bob_session)));
+}

@@ -1,0 +1,198 @@
+// Three people join one room in real headless Chromium (fake camera and microphone): everyone
+// sees and hears the two others, a mute shows on the others' screens, a leave removes the tile
+// and the rest keep talking. Prints join → first remote frame times.
+//
+//   node tests/e2e/group_call.mjs          (PARLEY_BIN, CHROMIUM override the binaries)
+import { randomBytes } from "node:crypto";
+import { launchChromium, log, runTest, sleep, startServer, waitFor } from "./harness.mjs";
+
+const TOTAL_TIMEOUT_MS = 90000;
+const MEDIA_TIMEOUT_MS = 20000;
+const NAMES = ["User1", "User2", "User3"];
+
+// Runs in every page before the app: polls getStats every 20 ms from the moment the client
+// exists and records, per remote participant, when its first video frame was decoded.
+function installFrameWatcher() {
+  const w = (window.__e2e = { firstFrame: {}, video: {}, audio: {}, samples: 0 });
+  const tick = async () => {
+    const client = window.parley && window.parley.client;
+    if (client && client.pc) {
+      try {
+        const stats = await client.pc.getStats();
+        const byTrack = new Map();
+        const byMid = new Map();
+        for (const [id, info] of client.remoteTracks) {
+          byTrack.set(id, info.participantId);
+          if (info.mid != null) byMid.set(String(info.mid), info.participantId);
+        }
+        const video = {};
+        const audio = {};
+        stats.forEach((s) => {
+          if (s.type !== "inbound-rtp") return;
+          const pid = byTrack.get(s.trackIdentifier) ?? byMid.get(String(s.mid)) ?? `?${s.ssrc}`;
+          if (s.kind === "video") {
+            video[pid] = Math.max(video[pid] || 0, s.framesDecoded || 0);
+            if (s.framesDecoded > 0 && !w.firstFrame[pid]) w.firstFrame[pid] = Date.now();
+          } else if (s.kind === "audio") {
+            audio[pid] = Math.max(audio[pid] || 0, s.packetsReceived || 0);
+          }
+        });
+        w.video = video;
+        w.audio = audio;
+        w.samples++;
+      } catch {}
+    }
+    setTimeout(tick, 20);
+  };
+  tick();
+}
+
+function pageSnapshot() {
+  const c = window.parley && window.parley.client;
+  const visible = (el) => {
+    const r = el.getBoundingClientRect();
+    return r.width > 0 && r.height > 0 && getComputedStyle(el).visibility !== "hidden";
+  };
+  return {
+    participantId: c ? c.participantId : null,
+    connectionState: c ? c.connectionState : null,
+    mediaState: c ? c.mediaState : null,
+    signalingState: c && c.pc ? c.pc.signalingState : null,
+    joinStartedAt: window.parley ? window.parley.joinStartedAt : null,
+    remoteTiles: [...document.querySelectorAll(".tile:not(.local)")].filter(visible).map((t) => t.dataset.participant),
+    status: [...document.querySelectorAll("#status p")].map((p) => p.textContent),
+    firstFrame: window.__e2e.firstFrame,
+    video: window.__e2e.video,
+    audio: window.__e2e.audio,
+  };
+}
+
+const pct = (arr, p) => {
+  const s = [...arr].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))];
+};
+
+let server = null;
+let browser = null;
+const consoleLines = [];
+const users = [];
+
+await runTest("group_call", {
+  timeoutMs: TOTAL_TIMEOUT_MS,
+  async body() {
+    server = await startServer();
+    browser = await launchChromium();
+    const room = `e2e-${randomBytes(4).toString("hex")}`;
+
+    for (const name of NAMES) {
+      const context = await browser.newContext();
+      const page = await context.newPage();
+      page.on("console", (m) => consoleLines.push(`[${name}] ${m.type()}: ${m.text()}`));
+      page.on("pageerror", (e) => consoleLines.push(`[${name}] pageerror: ${e.message}`));
+      await page.addInitScript(installFrameWatcher);
+      users.push({ name, context, page, id: null });
+    }
+
+    log(`room ${room}: opening ${users.length} pages`);
+    await Promise.all(
+      users.map((u) => {
+        u.gotoAt = Date.now();
+        return u.page.goto(`${server.url}/r/${room}?name=${u.name}&autojoin=1`, { waitUntil: "domcontentloaded" });
+      }),
+    );
+
+    // Everyone decodes video and receives audio from both others, and shows their tiles.
+    let snaps;
+    try {
+      await waitFor(
+        async () => {
+          snaps = await Promise.all(users.map((u) => u.page.evaluate(pageSnapshot)));
+          return snaps.every((s, i) => {
+            const others = snaps.filter((_, j) => j !== i).map((o) => o.participantId);
+            return (
+              others.every((id) => id) &&
+              others.every((id) => s.video[id] > 0 && s.audio[id] > 0 && s.remoteTiles.includes(id)) &&
+              s.remoteTiles.length === 2
+            );
+          });
+        },
+        { timeoutMs: MEDIA_TIMEOUT_MS, intervalMs: 100, message: "every page to decode video and receive audio from both others" },
+      );
+    } catch (err) {
+      for (const [i, s] of (snaps || []).entries()) log(`${users[i].name}: ${JSON.stringify(s)}`);
+      throw err;
+    }
+    users.forEach((u, i) => (u.id = snaps[i].participantId));
+    log(`participants: ${users.map((u) => `${u.name}=${u.id}`).join(" ")}`);
+
+    const firstFrameMs = [];
+    const pairMs = [];
+    for (const [i, u] of users.entries()) {
+      const s = snaps[i];
+      const joinAt = s.joinStartedAt ?? u.gotoAt;
+      const perRemote = users
+        .filter((o) => o !== u)
+        .map((o) => {
+          const at = s.firstFrame[o.id];
+          const otherJoin = snaps[users.indexOf(o)].joinStartedAt ?? o.gotoAt;
+          pairMs.push(at - Math.max(joinAt, otherJoin));
+          return { name: o.name, ms: at - joinAt };
+        });
+      const first = Math.min(...perRemote.map((r) => r.ms));
+      firstFrameMs.push(first);
+      console.log(
+        `${u.name}: join → first remote frame: ${first} ms (${perRemote.map((r) => `${r.name} ${r.ms} ms`).join(", ")})`,
+      );
+    }
+    console.log(`JOIN_TO_FIRST_FRAME_MS p50=${pct(firstFrameMs, 50)} max=${Math.max(...firstFrameMs)}`);
+    console.log(`PAIR_JOIN_TO_FIRST_FRAME_MS p50=${pct(pairMs, 50)} max=${Math.max(...pairMs)}`);
+
+    // Mute on page 1 shows on pages 2 and 3.
+    const [u1, u2, u3] = users;
+    await u1.page.getByRole("button", { name: "Mute", exact: true }).click();
+    await u1.page.getByRole("button", { name: "Unmute", exact: true }).waitFor({ timeout: 2000 });
+    for (const u of [u2, u3]) {
+      try {
+        await u.page.waitForSelector(`.tile[data-participant="${u1.id}"][data-muted="true"]`, { timeout: 5000 });
+      } catch {
+        throw new Error(`${u.name} did not show ${u1.name} (${u1.id}) as muted within 5 s`);
+      }
+    }
+    log(`mute of ${u1.name} shown on ${u2.name} and ${u3.name}`);
+
+    // Page 3 leaves: pages 1 and 2 drop its tile and keep decoding each other.
+    await u3.page.getByRole("button", { name: "Leave", exact: true }).click();
+    for (const u of [u1, u2]) {
+      try {
+        await u.page.waitForSelector(`.tile[data-participant="${u3.id}"]`, { state: "detached", timeout: 5000 });
+      } catch {
+        throw new Error(`${u.name} still shows ${u3.name} (${u3.id}) 5 s after it left`);
+      }
+    }
+    log(`${u3.name} left; its tile is gone on ${u1.name} and ${u2.name}`);
+
+    const framesOf = async (u, other) => (await u.page.evaluate(pageSnapshot)).video[other.id] || 0;
+    const before = [await framesOf(u1, u2), await framesOf(u2, u1)];
+    await waitFor(
+      async () => (await framesOf(u1, u2)) > before[0] + 5 && (await framesOf(u2, u1)) > before[1] + 5,
+      { timeoutMs: 5000, intervalMs: 200, message: `${u1.name} and ${u2.name} to keep decoding each other's video after ${u3.name} left` },
+    );
+    const after = [await framesOf(u1, u2), await framesOf(u2, u1)];
+    log(`after leave: ${u1.name} decoded ${before[0]}→${after[0]} frames of ${u2.name}, ${u2.name} ${before[1]}→${after[1]} of ${u1.name}`);
+  },
+  async onFailure() {
+    if (consoleLines.length) {
+      console.error("\n--- browser console (last 60 lines) ---");
+      console.error(consoleLines.slice(-60).join("\n"));
+    }
+    if (server) {
+      console.error(`\n--- server log tail (${server.logFile}) ---`);
+      console.error(server.logTail(80));
+      if (server.exited) console.error(`server exited: ${JSON.stringify(server.exited)}`);
+    }
+  },
+  async cleanup() {
+    if (browser) await browser.close().catch(() => {});
+    if (server) await server.stop();
+  },
+});

@@ -1,0 +1,211 @@
+// Shared pieces of the end-to-end tests: the Parley server process, Debian's Chromium, cleanup.
+import { spawn } from "node:child_process";
+import { createWriteStream, existsSync, readFileSync } from "node:fs";
+import { createServer as createHttpServer } from "node:http";
+import { createServer as createTcpServer } from "node:net";
+import { createSocket } from "node:dgram";
+import { dirname, extname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+export const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+
+export const CHROMIUM_ARGS = [
+  "--use-fake-device-for-media-stream",
+  "--use-fake-ui-for-media-stream",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--autoplay-policy=no-user-gesture-required",
+];
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+export function log(...args) {
+  console.log(`[e2e ${new Date().toISOString().slice(11, 23)}]`, ...args);
+}
+
+export function freeTcpPort() {
+  return new Promise((res, rej) => {
+    const s = createTcpServer();
+    s.once("error", rej);
+    s.listen(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => res(port));
+    });
+  });
+}
+
+export function freeUdpPort() {
+  return new Promise((res, rej) => {
+    const s = createSocket("udp4");
+    s.once("error", rej);
+    s.bind(0, "127.0.0.1", () => {
+      const { port } = s.address();
+      s.close(() => res(port));
+    });
+  });
+}
+
+/** Starts `parley serve` on free ports and waits for /healthz. */
+export async function startServer({ logFile = join(repoRoot, "tests/e2e/server.log"), timeoutMs = 20000 } = {}) {
+  const bin = resolve(repoRoot, process.env.PARLEY_BIN || "target/release/parley");
+  if (!existsSync(bin)) {
+    throw new Error(`server binary not found at ${bin}: build it (cargo build --release) or set PARLEY_BIN`);
+  }
+  const httpPort = await freeTcpPort();
+  const rtcPort = await freeUdpPort();
+  const args = ["serve", "--http", `127.0.0.1:${httpPort}`, "--rtc-port", String(rtcPort), "--public-ip", "127.0.0.1"];
+  log(`starting ${bin} ${args.join(" ")} (log: ${logFile})`);
+  const out = createWriteStream(logFile);
+  const proc = spawn(bin, args, {
+    cwd: repoRoot,
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG || "info" },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  proc.stdout.pipe(out, { end: false });
+  proc.stderr.pipe(out, { end: false });
+  let exited = null;
+  proc.on("exit", (code, signal) => {
+    exited = { code, signal };
+  });
+  const server = {
+    proc,
+    url: `http://127.0.0.1:${httpPort}`,
+    httpPort,
+    rtcPort,
+    logFile,
+    get exited() {
+      return exited;
+    },
+    logTail(lines = 80) {
+      try {
+        return readFileSync(logFile, "utf8").split("\n").slice(-lines).join("\n");
+      } catch {
+        return "(no server log)";
+      }
+    },
+    async stop() {
+      if (exited) return;
+      proc.kill("SIGTERM");
+      for (let i = 0; i < 30 && !exited; i++) await sleep(100);
+      if (!exited) proc.kill("SIGKILL");
+      for (let i = 0; i < 20 && !exited; i++) await sleep(50);
+    },
+  };
+  process.on("exit", () => {
+    if (!exited) proc.kill("SIGKILL");
+  });
+  const end = Date.now() + timeoutMs;
+  while (true) {
+    if (exited) throw new Error(`server exited during startup (${JSON.stringify(exited)})`);
+    try {
+      const r = await fetch(`${server.url}/healthz`);
+      if (r.status === 200) break;
+    } catch {}
+    if (Date.now() > end) {
+      await server.stop();
+      throw new Error(`server did not answer GET /healthz with 200 within ${timeoutMs} ms`);
+    }
+    await sleep(100);
+  }
+  log(`server up at ${server.url} (rtc udp ${rtcPort})`);
+  return server;
+}
+
+const MIME = { ".html": "text/html", ".js": "text/javascript", ".css": "text/css" };
+
+/**
+ * Serves web/ with the server's routes (no WebSocket). For testing the UI without the server:
+ * `node denied.mjs --static`.
+ */
+export async function startStaticServer() {
+  const route = (p) => {
+    if (p === "/" || /^\/r\/[^/]*\/?$/.test(p)) return "web/app/index.html";
+    if (p === "/app/app.js" || p === "/app/style.css") return `web${p}`;
+    if (p === "/sdk/parley.js") return "web/sdk/parley.js";
+    if (p === "/healthz") return "";
+    return null;
+  };
+  const srv = createHttpServer((req, res) => {
+    const file = route(new URL(req.url, "http://x").pathname);
+    if (file === null) {
+      res.writeHead(404).end("not found");
+    } else if (file === "") {
+      res.writeHead(200).end("ok");
+    } else {
+      res.writeHead(200, { "content-type": `${MIME[extname(file)]}; charset=utf-8` });
+      res.end(readFileSync(join(repoRoot, file)));
+    }
+  });
+  await new Promise((r) => srv.listen(0, "127.0.0.1", r));
+  const { port } = srv.address();
+  return {
+    url: `http://127.0.0.1:${port}`,
+    logTail: () => "(static server, no log)",
+    stop: () => new Promise((r) => srv.close(() => r())),
+  };
+}
+
+/** Launches Debian's Chromium (never a downloaded browser). */
+export async function launchChromium({ args = CHROMIUM_ARGS } = {}) {
+  const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
+  if (!existsSync(executablePath)) {
+    throw new Error(`Chromium not found at ${executablePath}: apt-get install chromium, or set CHROMIUM`);
+  }
+  return chromium.launch({ executablePath, headless: true, args });
+}
+
+/**
+ * Runs `body` with a hard deadline; always runs `cleanup`; exits the process 0 or 1.
+ * `onFailure` may print diagnostics (server log tail, browser console).
+ */
+export async function runTest(name, { timeoutMs, body, cleanup, onFailure }) {
+  let finished = false;
+  const finish = async (err) => {
+    if (finished) return;
+    finished = true;
+    if (err) {
+      console.error(`\nFAIL ${name}: ${err && err.message ? err.message : err}`);
+      try {
+        await onFailure?.(err);
+      } catch (e) {
+        console.error("(diagnostics failed:", e, ")");
+      }
+    }
+    try {
+      await Promise.race([cleanup(), sleep(10000)]);
+    } catch (e) {
+      console.error("cleanup failed:", e);
+    }
+    if (!err) console.log(`\nPASS ${name}\n1 passed, 0 failed`);
+    else console.log("0 passed, 1 failed");
+    process.exit(err ? 1 : 0);
+  };
+  const timer = setTimeout(() => finish(new Error(`total timeout of ${timeoutMs / 1000} s exceeded`)), timeoutMs);
+  for (const sig of ["SIGINT", "SIGTERM"]) process.on(sig, () => finish(new Error(`interrupted (${sig})`)));
+  try {
+    await body();
+    clearTimeout(timer);
+    await finish(null);
+  } catch (err) {
+    clearTimeout(timer);
+    await finish(err);
+  }
+}
+
+/** Polls `fn` until it returns a truthy value or `timeoutMs` passes; then throws `message`. */
+export async function waitFor(fn, { timeoutMs = 5000, intervalMs = 50, message = "condition" } = {}) {
+  const end = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < end) {
+    last = await fn();
+    if (last) return last;
+    await sleep(intervalMs);
+  }
+  throw new Error(`timed out after ${timeoutMs} ms waiting for ${message}`);
+}

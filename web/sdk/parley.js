@@ -1,0 +1,781 @@
+// Parley browser SDK: signaling (docs/protocol.md) and the one PeerConnection of a participant.
+// A plain ES module with no dependencies and no build step. See README.md beside this file.
+
+const ROOM_RE = /^[A-Za-z0-9._-]{1,64}$/;
+const RECONNECT_MIN_MS = 250;
+const RECONNECT_MAX_MS = 5000;
+// The protocol asks for an acknowledgement at least every second while receiving; acknowledging
+// sooner lets the server drop its resend buffer sooner.
+const ACK_DELAY_MS = 200;
+const PING_INTERVAL_MS = 5000;
+// No frame at all (not even a pong) for this long means the WebSocket is dead even if the
+// browser has not noticed yet.
+const DEAD_AFTER_MS = 15000;
+const DISCONNECTED_RESTART_MS = 3000;
+// Errors that refuse a join: retrying the same join cannot succeed.
+const FATAL_JOIN_ERRORS = new Set(["invalid_room", "invalid_name", "room_full", "already_joined"]);
+
+/** Human-readable texts for error codes, for UIs that have nothing better to say. */
+export const ERROR_MESSAGES = Object.freeze({
+  room_full: "This room is full.",
+  invalid_room:
+    "Invalid room name. Use 1–64 characters: letters, digits, “-”, “_” or “.”.",
+  invalid_name: "Invalid name. Use 1–64 characters.",
+  permission_denied:
+    "Camera and microphone access was denied. Allow access in your browser's site settings and reload.",
+  no_device: "No camera or microphone found.",
+  device_busy: "Your camera or microphone is in use by another application.",
+  insecure_context: "Camera and microphone need a secure (https) connection.",
+  media_error: "Could not start the camera or microphone.",
+  rate_limited: "Too many messages; the connection was closed.",
+  sdp_rejected: "The server refused the media description.",
+  negotiation_failed: "Setting up the media connection failed.",
+});
+
+/** An error with a machine-readable `code` (a protocol error code or a media error code). */
+export class ParleyError extends Error {
+  constructor(code, message) {
+    super(message || ERROR_MESSAGES[code] || code);
+    this.name = "ParleyError";
+    this.code = code;
+  }
+}
+
+/** Whether `name` is a valid room name (1–64 characters from `A-Z a-z 0-9 - _ .`). */
+export function isValidRoomName(name) {
+  return typeof name === "string" && ROOM_RE.test(name);
+}
+
+/** Whether `name` is a valid display name (1–64 characters). */
+export function isValidDisplayName(name) {
+  if (typeof name !== "string") return false;
+  const n = [...name].length;
+  return n >= 1 && n <= 64;
+}
+
+function mediaError(err) {
+  switch (err && err.name) {
+    case "NotAllowedError":
+    case "SecurityError":
+      return new ParleyError("permission_denied");
+    case "NotFoundError":
+    case "OverconstrainedError":
+      return new ParleyError("no_device");
+    case "NotReadableError":
+    case "AbortError":
+      return new ParleyError("device_busy");
+    default: {
+      const e = new ParleyError("media_error", `${ERROR_MESSAGES.media_error} (${err && (err.message || err.name)})`);
+      e.cause = err;
+      return e;
+    }
+  }
+}
+
+/**
+ * Asks for the microphone and the camera. When one kind is missing (or busy), settles for the
+ * other. Rejects with a ParleyError whose code is `permission_denied`, `no_device`,
+ * `device_busy`, `insecure_context` or `media_error`.
+ */
+export async function getLocalMedia({ audio = true, video = true } = {}) {
+  if (!globalThis.navigator || !navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) {
+    throw new ParleyError("insecure_context");
+  }
+  const videoConstraints =
+    video === true ? { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } } : video;
+  const audioConstraints =
+    audio === true ? { echoCancellation: true, noiseSuppression: true, autoGainControl: true } : audio;
+  const attempts = [];
+  if (audio && video) {
+    attempts.push({ audio: audioConstraints, video: videoConstraints });
+    attempts.push({ audio: audioConstraints, video: false });
+    attempts.push({ audio: false, video: videoConstraints });
+  } else if (audio || video) {
+    attempts.push({ audio: audio ? audioConstraints : false, video: video ? videoConstraints : false });
+  } else {
+    return new MediaStream();
+  }
+  let first;
+  for (const constraints of attempts) {
+    try {
+      return await navigator.mediaDevices.getUserMedia(constraints);
+    } catch (err) {
+      first = first || err;
+      // Only a missing or busy device is worth a second try with fewer kinds.
+      if (!["NotFoundError", "OverconstrainedError", "NotReadableError"].includes(err && err.name)) {
+        throw mediaError(err);
+      }
+    }
+  }
+  throw mediaError(first);
+}
+
+function participantFromWire(p) {
+  return {
+    id: String(p.id),
+    name: typeof p.name === "string" ? p.name : "",
+    audioMuted: !!p.audio_muted,
+    videoMuted: !!p.video_muted,
+    speaking: false,
+  };
+}
+
+function defaultUrl() {
+  if (typeof location === "undefined") throw new ParleyError("bad_url", "ParleyClient needs a `url` outside a page");
+  return `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+}
+
+/**
+ * One participant's connection to a Parley room: the signaling WebSocket (with sequence numbers,
+ * acknowledgements, resume and reconnection) and one RTCPeerConnection.
+ *
+ * Events (CustomEvent, payload in `event.detail`; `client.on(name, fn)` passes the detail):
+ * connectionstatechange, joined, participantjoined, participantleft, mute, speaking, track,
+ * trackremoved, mediastatechange, peerconnection, error, left.
+ */
+export class ParleyClient extends EventTarget {
+  /**
+   * @param {object} opts
+   * @param {string} opts.room room name
+   * @param {string} opts.name display name
+   * @param {string} [opts.url] signaling URL, default `ws(s)://<this host>/ws`
+   * @param {MediaStream|null} [opts.localStream] microphone/camera to send; can be set later
+   *   with setLocalStream() (until then the client joins and negotiates without sending media)
+   * @param {RTCIceServer[]} [opts.iceServers]
+   * @param {number} [opts.reconnectMinMs] first reconnection delay (250 ms)
+   * @param {number} [opts.reconnectMaxMs] longest reconnection delay (5 s)
+   */
+  constructor({ room, name, url, localStream = null, iceServers = [], reconnectMinMs, reconnectMaxMs } = {}) {
+    super();
+    this.room = room;
+    this.name = name;
+    this.url = url || defaultUrl();
+    this.iceServers = iceServers;
+    /** The local MediaStream being sent, or null. */
+    this.localStream = localStream;
+    /** The current RTCPeerConnection (replaced when a session is started afresh). */
+    this.pc = null;
+    /** Own participant id, once joined. */
+    this.participantId = null;
+    /** Session token from `joined`. */
+    this.session = null;
+    /** Remote participants: id → {id, name, audioMuted, videoMuted, speaking}. */
+    this.participants = new Map();
+    /** Remote tracks: track id → {participantId, track, stream, mid}. */
+    this.remoteTracks = new Map();
+    /** "new" | "connecting" | "connected" | "reconnecting" | "failed" | "closed" */
+    this.connectionState = "new";
+    /** The PeerConnection's connectionState, mirrored. */
+    this.mediaState = "new";
+    /** Own mute state (true = muted). */
+    this.muted = { audio: false, video: false };
+
+    this._minDelay = reconnectMinMs ?? RECONNECT_MIN_MS;
+    this._maxDelay = reconnectMaxMs ?? RECONNECT_MAX_MS;
+    this._backoff = this._minDelay;
+    this._ws = null;
+    this._live = false; // may reliable messages be written to the socket now?
+    this._closed = false;
+    this._outSeq = 0;
+    this._lastIn = 0;
+    this._ackSent = 0;
+    this._unacked = [];
+    this._joinSeq = 0;
+    this._joinWaiters = [];
+    this._timers = { reconnect: 0, ack: 0, ping: 0, disconnected: 0 };
+    this._lastRx = 0;
+    this._sdpChain = Promise.resolve();
+    this._makingOffer = false;
+    this._offerQueued = false;
+    this._needOffer = false;
+    this._transceivers = { audio: null, video: null };
+    this._onOnline = () => {
+      if (!this._ws && !this._closed && this.connectionState === "reconnecting") this._connect();
+    };
+  }
+
+  // ---- public API ----------------------------------------------------------------------------
+
+  /** `client.on("track", ({participantId, track}) => …)`; returns a function that unsubscribes. */
+  on(type, fn) {
+    const listener = (ev) => fn(ev.detail, ev);
+    this.addEventListener(type, listener);
+    return () => this.removeEventListener(type, listener);
+  }
+
+  /**
+   * Connects and joins the room. Resolves with the `joined` detail; rejects with a ParleyError
+   * when the server refuses the join (room_full, invalid_room, invalid_name). While the server
+   * cannot be reached it keeps retrying (and the promise stays pending).
+   */
+  join() {
+    if (!isValidRoomName(this.room)) return Promise.reject(new ParleyError("invalid_room"));
+    if (!isValidDisplayName(this.name)) return Promise.reject(new ParleyError("invalid_name"));
+    if (this._closed) return Promise.reject(new ParleyError("closed", "This client has left; create a new one."));
+    const p = new Promise((resolve, reject) => this._joinWaiters.push({ resolve, reject }));
+    if (!this._ws && this.connectionState === "new") {
+      if (typeof window !== "undefined") window.addEventListener("online", this._onOnline);
+      this._createPc();
+      this._connect();
+    }
+    return p;
+  }
+
+  /**
+   * Sets (or replaces) the local microphone/camera stream. Works before or after joining; the
+   * tracks are swapped in without renegotiation when the kinds stay the same.
+   */
+  async setLocalStream(stream) {
+    this.localStream = stream || null;
+    if (this.pc) await this._applyLocalTracks();
+    this._applyMuteToTracks();
+  }
+
+  /** Mutes/unmutes the local microphone and/or camera (true = muted) and tells the room. */
+  setMuted({ audio, video } = {}) {
+    if (typeof audio === "boolean") this.muted.audio = audio;
+    if (typeof video === "boolean") this.muted.video = video;
+    this._applyMuteToTracks();
+    if (this.participantId && !this._closed) {
+      this._sendReliable({ type: "mute", audio: this.muted.audio, video: this.muted.video });
+    }
+    this._emit("localmute", { ...this.muted });
+  }
+
+  /** Leaves the room: sends `leave`, closes the PeerConnection and the WebSocket. */
+  leave() {
+    if (this._closed) return;
+    if (this._ws && this._live && this.participantId) this._sendReliable({ type: "leave" });
+    this._closed = true;
+    this._stopTimers();
+    if (typeof window !== "undefined") window.removeEventListener("online", this._onOnline);
+    const ws = this._ws;
+    this._ws = null;
+    this._live = false;
+    if (ws) {
+      this._detach(ws);
+      try {
+        ws.close(1000, "leave");
+      } catch {}
+    }
+    this._closePc();
+    this._forgetParticipants();
+    this._rejectJoin(new ParleyError("closed", "Left the room."));
+    this._setState("closed");
+    this._emit("left", {});
+  }
+
+  /** Shortcut for `client.pc.getStats()`. */
+  getStats(selector) {
+    return this.pc ? this.pc.getStats(selector) : Promise.resolve(new Map());
+  }
+
+  // ---- signaling: connection, reliability, resume ------------------------------------------
+
+  _connect() {
+    clearTimeout(this._timers.reconnect);
+    if (this._closed) return;
+    if (this.connectionState !== "reconnecting") this._setState("connecting");
+    let ws;
+    try {
+      ws = new WebSocket(this.url);
+    } catch (err) {
+      this._emitError("bad_url", String(err && err.message));
+      this._fail();
+      return;
+    }
+    this._ws = ws;
+    this._live = false;
+    ws.onopen = () => {
+      if (ws !== this._ws) return;
+      this._lastRx = Date.now();
+      this._startPing();
+      if (this.session) {
+        this._writeRaw({ type: "resume", session: this.session, ack: this._lastIn });
+      } else {
+        this._startSession();
+      }
+    };
+    ws.onmessage = (ev) => {
+      if (ws !== this._ws) return;
+      this._onFrame(ev.data);
+    };
+    ws.onclose = () => {
+      if (ws !== this._ws) return;
+      this._onDrop();
+    };
+    ws.onerror = () => {}; // a close event follows
+  }
+
+  _detach(ws) {
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+  }
+
+  _onDrop() {
+    const ws = this._ws;
+    if (ws) this._detach(ws);
+    this._ws = null;
+    this._live = false;
+    clearInterval(this._timers.ping);
+    clearTimeout(this._timers.ack);
+    this._timers.ack = 0;
+    if (this._closed || this.connectionState === "failed") return;
+    this._setState("reconnecting");
+    const delay = this._backoff;
+    this._backoff = Math.min(this._backoff * 2, this._maxDelay);
+    this._timers.reconnect = setTimeout(() => this._connect(), delay);
+  }
+
+  /** Forces a reconnection (as after a network drop); mostly for tests. */
+  _dropConnection() {
+    const ws = this._ws;
+    if (!ws) return;
+    this._detach(ws);
+    try {
+      ws.close();
+    } catch {}
+    this._onDrop();
+  }
+
+  _startPing() {
+    clearInterval(this._timers.ping);
+    this._timers.ping = setInterval(() => {
+      if (!this._ws) return;
+      if (Date.now() - this._lastRx > DEAD_AFTER_MS) {
+        this._dropConnection();
+        return;
+      }
+      if (this._ws.readyState === WebSocket.OPEN) this._writeRaw({ type: "ping" });
+    }, PING_INTERVAL_MS);
+  }
+
+  _stopTimers() {
+    clearTimeout(this._timers.reconnect);
+    clearTimeout(this._timers.ack);
+    clearInterval(this._timers.ping);
+    clearTimeout(this._timers.disconnected);
+    this._timers.ack = 0;
+  }
+
+  /** Starts a new session on the open socket: fresh sequence numbers and a `join`. */
+  _startSession() {
+    const hadSession = this.participantId !== null || this._joinSeq !== 0;
+    this.session = null;
+    this.participantId = null;
+    this._outSeq = 0;
+    this._lastIn = 0;
+    this._ackSent = 0;
+    this._unacked = [];
+    this._live = true;
+    if (hadSession) {
+      // The old session's negotiation state is meaningless to the new one.
+      this._forgetParticipants();
+      if (this.pc && (this.pc.localDescription || this.pc.remoteDescription)) {
+        this._closePc();
+        this._createPc();
+      }
+    }
+    this._needOffer = true;
+    this._joinSeq = this._sendReliable({ type: "join", room: this.room, name: this.name });
+  }
+
+  _sendReliable(msg) {
+    const m = { seq: ++this._outSeq, ...msg };
+    this._unacked.push(m);
+    if (this._live) this._write(m);
+    return m.seq;
+  }
+
+  _write(m) {
+    const frame = this._lastIn > 0 ? { ...m, ack: this._lastIn } : m;
+    if (this._writeRaw(frame)) this._ackSent = this._lastIn;
+  }
+
+  _writeRaw(frame) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+    try {
+      ws.send(JSON.stringify(frame));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  _scheduleAck() {
+    if (this._timers.ack) return;
+    this._timers.ack = setTimeout(() => {
+      this._timers.ack = 0;
+      if (this._lastIn > this._ackSent && this._ws) {
+        if (this._writeRaw({ type: "ack", ack: this._lastIn })) this._ackSent = this._lastIn;
+      }
+    }, ACK_DELAY_MS);
+  }
+
+  _onAck(n) {
+    while (this._unacked.length && this._unacked[0].seq <= n) this._unacked.shift();
+  }
+
+  _onFrame(data) {
+    this._lastRx = Date.now();
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      console.warn("parley: ignoring a frame that is not JSON");
+      return;
+    }
+    if (!msg || typeof msg !== "object" || typeof msg.type !== "string") return;
+    if (typeof msg.ack === "number") this._onAck(msg.ack);
+    if (typeof msg.seq === "number") {
+      this._scheduleAck();
+      if (msg.seq <= this._lastIn) return; // a resent message already processed
+      this._lastIn = msg.seq;
+    }
+    try {
+      this._handle(msg);
+    } catch (err) {
+      console.error("parley: handling", msg.type, err);
+    }
+  }
+
+  _handle(msg) {
+    switch (msg.type) {
+      case "joined":
+        return this._onJoined(msg);
+      case "resumed":
+        this._live = true;
+        for (const m of this._unacked) this._write(m);
+        this._backoff = this._minDelay;
+        this._setState("connected");
+        return;
+      case "resume_failed":
+        this._emit("resumefailed", { message: msg.message || "" });
+        // The server forgot us: join afresh on this socket (a new socket if it closes).
+        this._startSession();
+        return;
+      case "participant_joined": {
+        if (!msg.participant) return;
+        const p = participantFromWire(msg.participant);
+        if (p.id === this.participantId) return;
+        this.participants.set(p.id, p);
+        this._emit("participantjoined", { ...p });
+        return;
+      }
+      case "participant_left":
+        if (String(msg.id) === this.participantId) return;
+        return this._removeParticipant(String(msg.id));
+      case "answer":
+        return this._onAnswer(msg.sdp);
+      case "offer":
+        return this._onOffer(msg.sdp, msg.id);
+      case "mute": {
+        const id = String(msg.id);
+        const p = this.participants.get(id);
+        if (p) {
+          p.audioMuted = !!msg.audio;
+          p.videoMuted = !!msg.video;
+        }
+        this._emit("mute", { participantId: id, audio: !!msg.audio, video: !!msg.video, local: id === this.participantId });
+        return;
+      }
+      case "speaking": {
+        const id = String(msg.id);
+        const p = this.participants.get(id);
+        if (p) p.speaking = !!msg.speaking;
+        this._emit("speaking", { participantId: id, speaking: !!msg.speaking, local: id === this.participantId });
+        return;
+      }
+      case "error":
+        return this._onServerError(msg);
+      case "ack":
+      case "pong":
+        return;
+      default:
+        return; // unknown types are ignored (newer server)
+    }
+  }
+
+  _onJoined(msg) {
+    this.participantId = String(msg.participant);
+    this.session = msg.session;
+    if (typeof msg.room === "string") this.room = msg.room;
+    this._backoff = this._minDelay;
+    this.participants.clear();
+    const list = Array.isArray(msg.participants) ? msg.participants.map(participantFromWire) : [];
+    for (const p of list) if (p.id !== this.participantId) this.participants.set(p.id, p);
+    this._setState("connected");
+    const detail = {
+      participantId: this.participantId,
+      room: this.room,
+      participants: [...this.participants.values()].map((p) => ({ ...p })),
+    };
+    for (const w of this._joinWaiters.splice(0)) w.resolve(detail);
+    this._emit("joined", detail);
+    for (const p of this.participants.values()) this._emit("participantjoined", { ...p });
+    if (this.muted.audio || this.muted.video) {
+      this._sendReliable({ type: "mute", audio: this.muted.audio, video: this.muted.video });
+    }
+    this._negotiate();
+  }
+
+  _onServerError(msg) {
+    const code = typeof msg.code === "string" ? msg.code : "internal";
+    const detail = {
+      code,
+      message: ERROR_MESSAGES[code] && FATAL_JOIN_ERRORS.has(code) ? ERROR_MESSAGES[code] : msg.message || ERROR_MESSAGES[code] || code,
+      serverMessage: msg.message || "",
+      inReplyTo: msg.in_reply_to ?? null,
+    };
+    const refusesJoin =
+      !this.participantId &&
+      (FATAL_JOIN_ERRORS.has(code) || (detail.inReplyTo !== null && detail.inReplyTo === this._joinSeq));
+    this._emit("error", detail);
+    if (refusesJoin) {
+      this._rejectJoin(new ParleyError(code, detail.message));
+      this._fail();
+      return;
+    }
+    if (code === "sdp_rejected") {
+      this._chain(async () => {
+        const pc = this.pc;
+        if (pc && pc.signalingState === "have-local-offer") await pc.setLocalDescription({ type: "rollback" });
+      });
+    }
+  }
+
+  _rejectJoin(err) {
+    for (const w of this._joinWaiters.splice(0)) w.reject(err);
+  }
+
+  /** A terminal failure (the join was refused): stop reconnecting. */
+  _fail() {
+    this._stopTimers();
+    const ws = this._ws;
+    this._ws = null;
+    this._live = false;
+    if (ws) {
+      this._detach(ws);
+      try {
+        ws.close(1000);
+      } catch {}
+    }
+    this._closePc();
+    this._setState("failed");
+  }
+
+  _setState(state) {
+    if (this.connectionState === state) return;
+    this.connectionState = state;
+    this._emit("connectionstatechange", { state });
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _emitError(code, message) {
+    this._emit("error", { code, message: message || ERROR_MESSAGES[code] || code, serverMessage: "", inReplyTo: null });
+  }
+
+  // ---- participants ------------------------------------------------------------------------
+
+  _removeParticipant(id) {
+    for (const [trackId, info] of this.remoteTracks) {
+      if (info.participantId === id) {
+        this.remoteTracks.delete(trackId);
+        this._emit("trackremoved", { ...info });
+      }
+    }
+    const p = this.participants.get(id);
+    this.participants.delete(id);
+    this._emit("participantleft", { participantId: id, name: p ? p.name : "" });
+  }
+
+  _forgetParticipants() {
+    for (const id of [...this.participants.keys()]) this._removeParticipant(id);
+    for (const [trackId, info] of this.remoteTracks) {
+      this.remoteTracks.delete(trackId);
+      this._emit("trackremoved", { ...info });
+    }
+  }
+
+  // ---- media: PeerConnection and negotiation -----------------------------------------------
+
+  _createPc() {
+    const pc = new RTCPeerConnection({
+      bundlePolicy: "max-bundle",
+      rtcpMuxPolicy: "require",
+      iceServers: this.iceServers,
+    });
+    this.pc = pc;
+    this.mediaState = pc.connectionState;
+    this._sdpChain = Promise.resolve();
+    this._makingOffer = false;
+    this._offerQueued = false;
+    const sendStream = this.localStream || new MediaStream();
+    const track = (kind) => (this.localStream ? this.localStream.getTracks().find((t) => t.kind === kind) : null);
+    for (const kind of ["audio", "video"]) {
+      const t = track(kind);
+      // Without a stream yet (media still starting), offer both kinds and swap tracks in later.
+      const direction = t || !this.localStream ? "sendonly" : "inactive";
+      this._transceivers[kind] = pc.addTransceiver(t || kind, { direction, streams: [sendStream] });
+    }
+    this._applyMuteToTracks();
+
+    pc.onnegotiationneeded = () => {
+      if (pc === this.pc) this._negotiate();
+    };
+    pc.ontrack = (ev) => {
+      if (pc === this.pc) this._onTrack(ev);
+    };
+    pc.onconnectionstatechange = () => {
+      if (pc !== this.pc) return;
+      const state = pc.connectionState;
+      this.mediaState = state;
+      clearTimeout(this._timers.disconnected);
+      if (state === "failed") {
+        this._restartIce();
+      } else if (state === "disconnected") {
+        this._timers.disconnected = setTimeout(() => {
+          if (pc === this.pc && pc.connectionState === "disconnected") this._restartIce();
+        }, DISCONNECTED_RESTART_MS);
+      }
+      this._emit("mediastatechange", { state });
+    };
+    this._emit("peerconnection", { pc });
+    return pc;
+  }
+
+  _closePc() {
+    clearTimeout(this._timers.disconnected);
+    const pc = this.pc;
+    if (!pc) return;
+    this.pc = null;
+    pc.onnegotiationneeded = pc.ontrack = pc.onconnectionstatechange = null;
+    try {
+      pc.close();
+    } catch {}
+    for (const [trackId, info] of this.remoteTracks) {
+      this.remoteTracks.delete(trackId);
+      this._emit("trackremoved", { ...info });
+    }
+    this.mediaState = "closed";
+  }
+
+  async _applyLocalTracks() {
+    const pc = this.pc;
+    for (const kind of ["audio", "video"]) {
+      const tx = this._transceivers[kind];
+      if (!tx || pc.signalingState === "closed") continue;
+      const t = this.localStream ? this.localStream.getTracks().find((x) => x.kind === kind) || null : null;
+      if (tx.sender.track !== t) await tx.sender.replaceTrack(t);
+      // A kind we have no device for is not offered as a track (others would get an empty tile).
+      const direction = t ? "sendonly" : "inactive";
+      if (tx.direction !== direction) tx.direction = direction; // negotiationneeded follows
+    }
+  }
+
+  _applyMuteToTracks() {
+    if (!this.localStream) return;
+    for (const t of this.localStream.getAudioTracks()) t.enabled = !this.muted.audio;
+    for (const t of this.localStream.getVideoTracks()) t.enabled = !this.muted.video;
+  }
+
+  _restartIce() {
+    const pc = this.pc;
+    if (!pc || !this.participantId || pc.signalingState === "closed") return;
+    pc.restartIce(); // fires negotiationneeded; the offer carries new ICE credentials
+  }
+
+  /** Runs SDP operations one at a time. */
+  _chain(fn) {
+    const next = this._sdpChain.then(fn).catch((err) => {
+      console.warn("parley: negotiation step failed", err);
+      this._emitError("negotiation_failed", `${ERROR_MESSAGES.negotiation_failed} (${err && err.message})`);
+    });
+    this._sdpChain = next;
+    return next;
+  }
+
+  _negotiate() {
+    if (!this.participantId || !this.pc || this._closed) {
+      this._needOffer = true;
+      return;
+    }
+    if (this._offerQueued) return;
+    this._offerQueued = true;
+    this._chain(async () => {
+      this._offerQueued = false;
+      const pc = this.pc;
+      if (!pc || pc.signalingState === "closed") return;
+      if (pc.signalingState !== "stable") {
+        this._needOffer = true; // offer again once the outstanding exchange completes
+        return;
+      }
+      this._needOffer = false;
+      this._makingOffer = true;
+      try {
+        await pc.setLocalDescription();
+      } finally {
+        this._makingOffer = false;
+      }
+      if (pc !== this.pc || !pc.localDescription || pc.localDescription.type !== "offer") return;
+      this._sendReliable({ type: "offer", sdp: pc.localDescription.sdp });
+    });
+  }
+
+  _onAnswer(sdp) {
+    if (typeof sdp !== "string") return;
+    this._chain(async () => {
+      const pc = this.pc;
+      if (!pc || pc.signalingState !== "have-local-offer") return; // stale answer
+      await pc.setRemoteDescription({ type: "answer", sdp });
+      if (this._needOffer) this._negotiate();
+    });
+  }
+
+  _onOffer(sdp, id) {
+    if (typeof sdp !== "string") return;
+    // Perfect negotiation, impolite side: with our own offer outstanding, Parley's offer is
+    // ignored (Parley rolls back, answers ours, and offers again with a new id).
+    this._chain(async () => {
+      const pc = this.pc;
+      if (!pc || this._makingOffer || pc.signalingState !== "stable") return;
+      await pc.setRemoteDescription({ type: "offer", sdp });
+      await pc.setLocalDescription();
+      if (pc !== this.pc || !pc.localDescription) return;
+      this._sendReliable({ type: "answer", id, sdp: pc.localDescription.sdp });
+      if (this._needOffer) this._negotiate();
+    });
+  }
+
+  _onTrack(ev) {
+    const track = ev.track;
+    const stream = ev.streams && ev.streams[0];
+    const participantId = stream ? stream.id : null;
+    const old = this.remoteTracks.get(track.id);
+    if (old) {
+      // The server reused this m-line for another track/participant.
+      if (old.participantId === participantId && old.stream === stream) return;
+      this.remoteTracks.delete(track.id);
+      this._emit("trackremoved", { ...old });
+    }
+    const info = { participantId, track, stream: stream || null, mid: ev.transceiver ? ev.transceiver.mid : null };
+    this.remoteTracks.set(track.id, info);
+    const removed = () => {
+      if (this.remoteTracks.get(track.id) !== info) return;
+      this.remoteTracks.delete(track.id);
+      this._emit("trackremoved", { ...info });
+    };
+    track.addEventListener("ended", removed);
+    if (stream) {
+      stream.addEventListener("removetrack", (e) => {
+        if (e.track === track) removed();
+      });
+    }
+    this._emit("track", { ...info });
+  }
+}
+
+export default ParleyClient;
