@@ -116,26 +116,23 @@ fn renegotiation_adds_a_track_for_everyone() {
 #[test]
 fn glare_converges() {
     let mut w = World::new();
-    w.join("ada", "g");
+    let ada = w.join("ada", "g");
+    w.run_until(Duration::from_secs(5), "ada connected", |w| w.peers[ada].connected);
+    // Bob joins: the SFU offers bob's tracks to ada. Before that offer reaches her, ada offers
+    // a new track of her own. Both offers cross.
+    let ada_session = w.peers[ada].session;
+    w.hold_signal = Some(ada_session);
     w.join("bob", "g");
-    // Let the SFU's offer to ada (bob's tracks) be outstanding while ada offers a new track.
-    let ada = w.peer("ada");
-    let mut saw_glare = false;
-    for _ in 0..400 {
-        w.step();
-        let has_server_offer_pending = w.events.iter().any(|e| {
-            matches!(e, MediaEvent::Offer { session, .. } if *session == w.peers[ada].session)
-        });
-        if has_server_offer_pending && !saw_glare {
-            // Ada offers at the same time as the SFU: the client ignores the SFU's offer.
-            w.add_video(ada);
-            saw_glare = true;
-        }
-    }
-    assert!(saw_glare);
+    w.run_until(Duration::from_secs(5), "the SFU offers bob's tracks to ada", |w| {
+        w.held.iter().any(|e| matches!(e, MediaEvent::Offer { .. }))
+    });
+    w.add_video(ada);
+    w.hold_signal = None;
     w.run_until(Duration::from_secs(5), "both receive after glare", |w| {
         everyone_receives_everyone(w, &["ada", "bob"])
     });
+    assert_eq!(w.peers[ada].ignored_offers, vec![1], "ada ignored the crossing offer");
+    assert_eq!(w.peers[ada].last_offer_id, Some(2), "the SFU offered again after rollback");
     // Bob gets both of ada's videos.
     let bob = w.peer("bob");
     let before = w.received(bob, "ada", MediaKind::Video);

@@ -35,6 +35,7 @@ pub struct Peer {
     /// Media received, by the stream id (publisher) and kind of its m-line.
     pub received: HashMap<(String, MediaKind), u64>,
     pub last_offer_id: Option<u64>,
+    pub ignored_offers: Vec<u64>,
     pub audio_level: i8,
     pub sending: bool,
     pub frames_sent: u64,
@@ -51,6 +52,9 @@ pub struct World {
     pub sfu_addr: SocketAddr,
     pub peers: Vec<Peer>,
     pub events: Vec<MediaEvent>,
+    /// While set, signaling messages from the SFU to this session wait (in order) in `held`.
+    pub hold_signal: Option<SessionId>,
+    pub held: Vec<MediaEvent>,
     next_session: u64,
 }
 
@@ -68,6 +72,8 @@ impl World {
             sfu_addr,
             peers: Vec::new(),
             events: Vec::new(),
+            hold_signal: None,
+            held: Vec::new(),
             next_session: 1,
         }
     }
@@ -102,6 +108,7 @@ impl World {
             connected: false,
             received: HashMap::new(),
             last_offer_id: None,
+            ignored_offers: Vec::new(),
             audio_level: -127,
             sending: true,
             frames_sent: 0,
@@ -149,10 +156,27 @@ impl World {
 
     /// Delivers signaling events from the SFU to the peers (as the signaling plane would).
     fn signal(&mut self) {
+        let mut queue: Vec<MediaEvent> = Vec::new();
+        if self.hold_signal.is_none() {
+            queue.append(&mut self.held);
+        }
         while let Some(ev) = self.sfu.poll_event() {
             self.events.push(ev.clone());
-            let Some(p) = self.peers.iter_mut().find(|p| p.session == ev.session()) else {
+            queue.push(ev);
+        }
+        for ev in queue {
+            if self.hold_signal == Some(ev.session()) {
+                self.held.push(ev);
                 continue;
+            }
+            self.deliver(ev);
+        }
+    }
+
+    fn deliver(&mut self, ev: MediaEvent) {
+        {
+            let Some(p) = self.peers.iter_mut().find(|p| p.session == ev.session()) else {
+                return;
             };
             match ev {
                 MediaEvent::Answer { sdp, .. } => {
@@ -164,7 +188,8 @@ impl World {
                 MediaEvent::Offer { id, sdp, .. } => {
                     if p.pending.is_some() {
                         // Impolite client: ignore the server's offer while ours is outstanding.
-                        continue;
+                        p.ignored_offers.push(id);
+                        return;
                     }
                     let offer = SdpOffer::from_sdp_string(&sdp).expect("valid offer");
                     let answer = p.rtc.sdp_api().accept_offer(offer).expect("offer accepted");
