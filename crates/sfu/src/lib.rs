@@ -171,7 +171,10 @@ impl Sfu {
         if data.first().is_some_and(|b| *b < 4) {
             if let Ok(msg) = StunMessage::parse(data) {
                 if let Some((local, _remote)) = msg.split_username() {
-                    let sid = *self.by_ufrag.get(local)?;
+                    let Some(sid) = self.by_ufrag.get(local).copied() else {
+                        tracing::debug!(%source, ufrag = local, "STUN for an unknown ufrag");
+                        return None;
+                    };
                     // Learn (or move) the source address once the session's ICE agent checked
                     // the message integrity; until then route by ufrag only.
                     let session = self.sessions.get(&sid)?;
