@@ -93,30 +93,67 @@ await runTest("group_call", {
       users.push({ name, context, page, id: null });
     }
 
-    log(`room ${room}: opening ${users.length} pages`);
+    // User1 and User2 join by link (?autojoin=1, camera starting cold); User3 waits in the lobby
+    // with its preview running and clicks "Join" once the two are in the call.
+    const [a, b, c] = users;
+    log(`room ${room}: ${a.name} and ${b.name} join by link`);
     await Promise.all(
-      users.map((u) => {
+      [a, b].map((u) => {
         u.gotoAt = Date.now();
         return u.page.goto(`${server.url}/r/${room}?name=${u.name}&autojoin=1`, { waitUntil: "domcontentloaded" });
       }),
     );
+    await c.page.goto(`${server.url}/r/${room}?name=${c.name}`, { waitUntil: "domcontentloaded" });
 
-    // Everyone decodes video and receives audio from both others, and shows their tiles.
+    const seeEachOther = (snaps, group) =>
+      group.every((u, i) => {
+        const s = snaps[i];
+        const others = group.filter((o) => o !== u).map((o) => snaps[group.indexOf(o)].participantId);
+        return (
+          others.every((id) => id) &&
+          others.every((id) => s.video[id] > 0 && s.audio[id] > 0 && s.remoteTiles.includes(id)) &&
+          s.remoteTiles.length === group.length - 1
+        );
+      });
+
     let snaps;
     try {
       await waitFor(
         async () => {
-          snaps = await Promise.all(users.map((u) => u.page.evaluate(pageSnapshot)));
-          return snaps.every((s, i) => {
-            const others = snaps.filter((_, j) => j !== i).map((o) => o.participantId);
-            return (
-              others.every((id) => id) &&
-              others.every((id) => s.video[id] > 0 && s.audio[id] > 0 && s.remoteTiles.includes(id)) &&
-              s.remoteTiles.length === 2
-            );
-          });
+          snaps = await Promise.all([a, b].map((u) => u.page.evaluate(pageSnapshot)));
+          return seeEachOther(snaps, [a, b]);
         },
-        { timeoutMs: MEDIA_TIMEOUT_MS, intervalMs: 100, message: "every page to decode video and receive audio from both others" },
+        { timeoutMs: MEDIA_TIMEOUT_MS, intervalMs: 50, message: `${a.name} and ${b.name} to decode each other` },
+      );
+    } catch (err) {
+      for (const [i, s] of (snaps || []).entries()) log(`${users[i].name}: ${JSON.stringify(s)}`);
+      throw err;
+    }
+    const cold = [a, b].map((u, i) => {
+      const other = i === 0 ? b : a;
+      const s = snaps[i];
+      return s.firstFrame[snaps[1 - i].participantId] - Math.max(s.joinStartedAt, snaps[1 - i].joinStartedAt);
+    });
+    console.log(`COLD_AUTOJOIN_TO_FIRST_FRAME_MS (camera starting at join) ${a.name}=${cold[0]} ${b.name}=${cold[1]}`);
+
+    // User3's preview is live: now it joins by clicking "Join".
+    await c.page.waitForFunction(() => {
+      const v = document.querySelector("#preview");
+      return v && v.videoWidth > 0;
+    }, null, { timeout: 10000 });
+    const joinClickAt = await c.page.evaluate(() => {
+      const t = Date.now();
+      document.querySelector("#join").click();
+      return t;
+    });
+
+    try {
+      await waitFor(
+        async () => {
+          snaps = await Promise.all(users.map((u) => u.page.evaluate(pageSnapshot)));
+          return seeEachOther(snaps, users);
+        },
+        { timeoutMs: MEDIA_TIMEOUT_MS, intervalMs: 50, message: "every page to decode video and receive audio from both others" },
       );
     } catch (err) {
       for (const [i, s] of (snaps || []).entries()) log(`${users[i].name}: ${JSON.stringify(s)}`);
@@ -125,27 +162,15 @@ await runTest("group_call", {
     users.forEach((u, i) => (u.id = snaps[i].participantId));
     log(`participants: ${users.map((u) => `${u.name}=${u.id}`).join(" ")}`);
 
-    const firstFrameMs = [];
-    const pairMs = [];
-    for (const [i, u] of users.entries()) {
-      const s = snaps[i];
-      const joinAt = s.joinStartedAt ?? u.gotoAt;
-      const perRemote = users
-        .filter((o) => o !== u)
-        .map((o) => {
-          const at = s.firstFrame[o.id];
-          const otherJoin = snaps[users.indexOf(o)].joinStartedAt ?? o.gotoAt;
-          pairMs.push(at - Math.max(joinAt, otherJoin));
-          return { name: o.name, ms: at - joinAt };
-        });
-      const first = Math.min(...perRemote.map((r) => r.ms));
-      firstFrameMs.push(first);
-      console.log(
-        `${u.name}: join → first remote frame: ${first} ms (${perRemote.map((r) => `${r.name} ${r.ms} ms`).join(", ")})`,
-      );
+    // Join (click) → first decoded frame, in both directions between User3 and each of the others.
+    const joinMs = [];
+    for (const o of [a, b]) {
+      const mine = snaps[2].firstFrame[o.id] - joinClickAt;
+      const theirs = snaps[users.indexOf(o)].firstFrame[c.id] - joinClickAt;
+      joinMs.push(mine, theirs);
+      console.log(`${c.name} joins: first frame of ${o.name} after ${mine} ms; ${o.name} sees ${c.name} after ${theirs} ms`);
     }
-    console.log(`JOIN_TO_FIRST_FRAME_MS p50=${pct(firstFrameMs, 50)} max=${Math.max(...firstFrameMs)}`);
-    console.log(`PAIR_JOIN_TO_FIRST_FRAME_MS p50=${pct(pairMs, 50)} max=${Math.max(...pairMs)}`);
+    console.log(`JOIN_TO_FIRST_FRAME_MS p50=${pct(joinMs, 50)} max=${Math.max(...joinMs)}`);
 
     // Mute on page 1 shows on pages 2 and 3.
     const [u1, u2, u3] = users;

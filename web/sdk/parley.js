@@ -188,6 +188,7 @@ export class ParleyClient extends EventTarget {
     this._makingOffer = false;
     this._offerQueued = false;
     this._needOffer = false;
+    this._sessionOffered = false;
     this._transceivers = { audio: null, video: null };
     this._onOnline = () => {
       if (!this._ws && !this._closed && this.connectionState === "reconnecting") this._connect();
@@ -216,6 +217,18 @@ export class ParleyClient extends EventTarget {
     if (!this._ws && this.connectionState === "new") {
       if (typeof window !== "undefined") window.addEventListener("online", this._onOnline);
       this._createPc();
+      // Prepare the first offer while the WebSocket connects: it goes out right behind `join`.
+      this._chain(async () => {
+        const pc = this.pc;
+        if (!pc || pc.signalingState !== "stable") return;
+        this._makingOffer = true;
+        try {
+          await pc.setLocalDescription();
+        } finally {
+          this._makingOffer = false;
+        }
+        if (this._live && this._joinSeq && !this._sessionOffered) this._negotiate();
+      });
       this._connect();
     }
     return p;
@@ -376,7 +389,10 @@ export class ParleyClient extends EventTarget {
       }
     }
     this._needOffer = true;
+    this._sessionOffered = false;
     this._joinSeq = this._sendReliable({ type: "join", room: this.room, name: this.name });
+    // Parley processes messages in order, so the offer may follow `join` at once.
+    this._negotiate();
   }
 
   _sendReliable(msg) {
@@ -516,7 +532,7 @@ export class ParleyClient extends EventTarget {
     if (this.muted.audio || this.muted.video) {
       this._sendReliable({ type: "mute", audio: this.muted.audio, video: this.muted.video });
     }
-    this._negotiate();
+    if (!this._sessionOffered) this._negotiate();
   }
 
   _onServerError(msg) {
@@ -699,7 +715,7 @@ export class ParleyClient extends EventTarget {
   }
 
   _negotiate() {
-    if (!this.participantId || !this.pc || this._closed) {
+    if (!this.pc || this._closed || !this._live || (!this.participantId && !this._joinSeq)) {
       this._needOffer = true;
       return;
     }
@@ -709,6 +725,13 @@ export class ParleyClient extends EventTarget {
       this._offerQueued = false;
       const pc = this.pc;
       if (!pc || pc.signalingState === "closed") return;
+      if (!this._sessionOffered && pc.signalingState === "have-local-offer" && pc.localDescription) {
+        // The offer prepared while connecting.
+        this._needOffer = false;
+        this._sessionOffered = true;
+        this._sendReliable({ type: "offer", sdp: pc.localDescription.sdp });
+        return;
+      }
       if (pc.signalingState !== "stable") {
         this._needOffer = true; // offer again once the outstanding exchange completes
         return;
@@ -721,6 +744,7 @@ export class ParleyClient extends EventTarget {
         this._makingOffer = false;
       }
       if (pc !== this.pc || !pc.localDescription || pc.localDescription.type !== "offer") return;
+      this._sessionOffered = true;
       this._sendReliable({ type: "offer", sdp: pc.localDescription.sdp });
     });
   }

@@ -51,7 +51,7 @@ pub struct Sfu {
 }
 
 /// Do not ask a publisher for keyframes more often than this per track.
-const KEYFRAME_THROTTLE: Duration = Duration::from_millis(500);
+pub(crate) const KEYFRAME_THROTTLE: Duration = Duration::from_millis(500);
 
 impl Sfu {
     pub fn new(config: SfuConfig) -> Self {
@@ -239,12 +239,19 @@ impl Sfu {
             return;
         };
         let old_ufrag = session.ufrag();
-        match session.accept_offer(offer) {
-            Ok(answer) => {
+        let mids: Vec<Mid> = sdp
+            .lines()
+            .filter_map(|l| l.strip_prefix("a=mid:"))
+            .map(|m| Mid::from(m.trim()))
+            .collect();
+        let mut published = Vec::new();
+        match session.accept_offer(offer, &mids) {
+            Ok((answer, tracks)) => {
                 self.events.push_back(MediaEvent::Answer {
                     session: sid,
                     sdp: answer,
                 });
+                published = tracks;
             }
             Err(reason) => {
                 self.events.push_back(MediaEvent::SdpRejected {
@@ -259,6 +266,9 @@ impl Sfu {
         }
         self.by_ufrag.insert(new_ufrag, sid);
         self.to_drive.push(sid);
+        for (mid, kind) in published {
+            self.publish(sid, mid, kind);
+        }
     }
 
     fn handle_answer(&mut self, sid: SessionId, id: u64, sdp: &str, now: Instant) {
@@ -302,7 +312,7 @@ impl Sfu {
             members.retain(|m| *m != sid);
             for m in members.iter() {
                 if let Some(other) = self.sessions.get_mut(m) {
-                    other.source_gone(sid);
+                    other.source_gone(sid, None);
                     self.to_drive.push(*m);
                 }
             }
@@ -327,6 +337,9 @@ impl Sfu {
             }
             for added in out.tracks_added {
                 self.publish(sid, added.0, added.1);
+            }
+            for mid in out.tracks_removed {
+                self.unpublish(sid, mid);
             }
             for req in out.keyframe_requests {
                 self.request_keyframe(req.0, req.1, req.2, now);
@@ -363,6 +376,22 @@ impl Sfu {
                 other
                     .tracks_out
                     .push(TrackOut::new(sid, mid, kind, &stream_id));
+                self.to_drive.push(*m);
+            }
+        }
+    }
+
+    /// A session stopped publishing a track: stop it for everyone else.
+    fn unpublish(&mut self, sid: SessionId, mid: Mid) {
+        let Some(room) = self.sessions.get(&sid).map(|s| s.room.clone()) else {
+            return;
+        };
+        let Some(members) = self.rooms.get(&room) else {
+            return;
+        };
+        for m in members.iter().filter(|m| **m != sid) {
+            if let Some(other) = self.sessions.get_mut(m) {
+                other.source_gone(sid, Some(mid));
                 self.to_drive.push(*m);
             }
         }

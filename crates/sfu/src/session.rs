@@ -37,6 +37,21 @@ pub(crate) struct TrackIn {
     pub mid: Mid,
     pub kind: MediaKind,
     last_keyframe_request: Option<Instant>,
+    /// A keyframe request that came within the throttle interval, sent when it ends.
+    deferred_keyframe: Option<KeyframeRequestKind>,
+    received_any: bool,
+}
+
+impl TrackIn {
+    fn new(mid: Mid, kind: MediaKind) -> Self {
+        TrackIn {
+            mid,
+            kind,
+            last_keyframe_request: None,
+            deferred_keyframe: None,
+            received_any: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +109,7 @@ impl TrackOut {
 pub(crate) struct PollOut {
     pub timeout: Instant,
     pub tracks_added: Vec<(Mid, MediaKind)>,
+    pub tracks_removed: Vec<Mid>,
     pub keyframe_requests: Vec<(SessionId, Mid, KeyframeRequestKind)>,
     pub connected: bool,
     pub packets: Vec<(Mid, RtpPacket)>,
@@ -130,7 +146,11 @@ impl Session {
 
     /// Accepts the participant's offer. An offer of ours still outstanding is rolled back (we
     /// are the polite peer) and its changes are offered again later.
-    pub fn accept_offer(&mut self, offer: SdpOffer) -> Result<String, String> {
+    pub fn accept_offer(
+        &mut self,
+        offer: SdpOffer,
+        mids: &[Mid],
+    ) -> Result<(String, Vec<(Mid, MediaKind)>), String> {
         if self.pending.take().is_some() {
             tracing::debug!(session = %self.id, "glare: rolling back our offer");
             self.rollback_tracks();
@@ -141,7 +161,22 @@ impl Session {
             .accept_offer(offer)
             .map_err(|e| format!("offer refused: {e}"))?;
         self.negotiated = true;
-        Ok(answer.to_sdp_string())
+        // Publish the participant's tracks now rather than when str0m reports them (after
+        // ICE and DTLS), so the others can negotiate them while this one connects.
+        let mut published = Vec::new();
+        for mid in mids {
+            let Some(media) = self.rtc.media(*mid) else {
+                continue;
+            };
+            let kind = media.kind();
+            tracing::trace!(session = %self.id, %mid, dir = ?media.direction(), "offered media");
+            if media.direction().is_receiving() && !self.tracks_in.iter().any(|t| t.mid == *mid) {
+                tracing::debug!(session = %self.id, %mid, ?kind, "track published");
+                self.tracks_in.push(TrackIn::new(*mid, kind));
+                published.push((*mid, kind));
+            }
+        }
+        Ok((answer.to_sdp_string(), published))
     }
 
     /// Accepts the answer to our offer `id`; returns the tracks that opened. An answer to an
@@ -192,11 +227,13 @@ impl Session {
         self.tracks_out.retain(|t| !(t.source_gone && t.state == TrackState::ToOpen));
     }
 
-    /// The publisher `source` left: stop forwarding its tracks.
-    pub fn source_gone(&mut self, source: SessionId) {
+    /// The publisher `source` left (`mid` None), or stopped publishing track `mid`: stop
+    /// forwarding.
+    pub fn source_gone(&mut self, source: SessionId, mid: Option<Mid>) {
+        let matches = |t: &TrackOut| t.source == source && mid.is_none_or(|m| m == t.source_mid);
         self.tracks_out
-            .retain(|t| !(t.source == source && t.state == TrackState::ToOpen));
-        for t in self.tracks_out.iter_mut().filter(|t| t.source == source) {
+            .retain(|t| !(matches(t) && t.state == TrackState::ToOpen));
+        for t in self.tracks_out.iter_mut().filter(|t| matches(t)) {
             t.source_gone = true;
             if let TrackState::Open(m) = t.state {
                 t.state = TrackState::ToStop(m);
@@ -255,9 +292,11 @@ impl Session {
         events: &mut VecDeque<MediaEvent>,
     ) -> PollOut {
         self.maybe_negotiate(events);
+        self.send_deferred_keyframes(now, crate::KEYFRAME_THROTTLE);
         let mut out = PollOut {
             timeout: now + Duration::from_secs(1),
             tracks_added: Vec::new(),
+            tracks_removed: Vec::new(),
             keyframe_requests: Vec::new(),
             connected: false,
             packets: Vec::new(),
@@ -305,14 +344,19 @@ impl Session {
                     _ => {}
                 }
             }
+            Event::MediaChanged(m) if !m.direction.is_receiving() => {
+                if let Some(pos) = self.tracks_in.iter().position(|t| t.mid == m.mid) {
+                    tracing::debug!(session = %self.id, mid = %m.mid, "track unpublished");
+                    self.tracks_in.remove(pos);
+                    out.tracks_removed.push(m.mid);
+                }
+            }
             Event::MediaAdded(m) if m.direction.is_receiving() => {
-                tracing::debug!(session = %self.id, mid = %m.mid, kind = ?m.kind, "track published");
-                self.tracks_in.push(TrackIn {
-                    mid: m.mid,
-                    kind: m.kind,
-                    last_keyframe_request: None,
-                });
-                out.tracks_added.push((m.mid, m.kind));
+                if !self.tracks_in.iter().any(|t| t.mid == m.mid) {
+                    tracing::debug!(session = %self.id, mid = %m.mid, kind = ?m.kind, "track published");
+                    self.tracks_in.push(TrackIn::new(m.mid, m.kind));
+                    out.tracks_added.push((m.mid, m.kind));
+                }
             }
             Event::RtpPacket(pkt) => {
                 let Some(mid) = self
@@ -323,10 +367,14 @@ impl Session {
                 else {
                     return;
                 };
-                let is_audio = self
-                    .tracks_in
-                    .iter()
-                    .any(|t| t.mid == mid && t.kind == MediaKind::Audio);
+                let Some(track) = self.tracks_in.iter_mut().find(|t| t.mid == mid) else {
+                    return;
+                };
+                if !track.received_any {
+                    track.received_any = true;
+                    tracing::debug!(session = %self.id, %mid, kind = ?track.kind, "first packet received");
+                }
+                let is_audio = track.kind == MediaKind::Audio;
                 if is_audio {
                     if let Some(level) = pkt.header.ext_vals.audio_level {
                         if let Some(speaking) = self.speaking.update(level, now) {
@@ -391,9 +439,13 @@ impl Session {
                 o
             }
         };
+        let first = t.seq_base.is_none();
         let Some(seq) = t.rebase(pkt.seq_no) else {
             return false;
         };
+        if first {
+            tracing::debug!(session = %self.id, %source, %mid, kind = ?t.kind, "first packet forwarded");
+        }
         let nackable = t.kind == MediaKind::Video;
         let mut api = self.rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(mid, None) else {
@@ -423,6 +475,11 @@ impl Session {
             .last_keyframe_request
             .is_some_and(|at| now.saturating_duration_since(at) < throttle)
         {
+            // Not dropped: a subscriber that joined just after the last keyframe needs one too.
+            t.deferred_keyframe = Some(match t.deferred_keyframe {
+                Some(KeyframeRequestKind::Fir) => KeyframeRequestKind::Fir,
+                _ => kind,
+            });
             return false;
         }
         let mut api = self.rtc.direct_api();
@@ -431,6 +488,25 @@ impl Session {
         };
         rx.request_keyframe(kind);
         t.last_keyframe_request = Some(now);
+        t.deferred_keyframe = None;
         true
+    }
+
+    /// Sends the deferred keyframe requests whose throttle interval has passed.
+    fn send_deferred_keyframes(&mut self, now: Instant, throttle: Duration) {
+        let due: Vec<(Mid, KeyframeRequestKind)> = self
+            .tracks_in
+            .iter()
+            .filter_map(|t| {
+                let kind = t.deferred_keyframe?;
+                let ready = t
+                    .last_keyframe_request
+                    .is_none_or(|at| now.saturating_duration_since(at) >= throttle);
+                ready.then_some((t.mid, kind))
+            })
+            .collect();
+        for (mid, kind) in due {
+            self.request_keyframe(mid, kind, now, throttle);
+        }
     }
 }
