@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Runs every test of Parley on a fresh machine: installs what the tests need (Debian's
+# Chromium, Node.js), checks formatting and lints, runs the Rust tests (unit, deterministic
+# SFU simulations, signaling protocol against the real binary) and the end-to-end tests in
+# headless Chromium against a release build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "need root to install: $*" >&2; return 1; fi
+}
+
+need_pkgs=()
+command -v chromium >/dev/null || [ -x /usr/bin/chromium ] || need_pkgs+=(chromium)
+command -v node >/dev/null || need_pkgs+=(nodejs)
+command -v npm >/dev/null || need_pkgs+=(npm)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+    log "installing ${need_pkgs[*]} from Debian's packages"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --release --workspace --all-targets -q -- -D warnings
+
+log "Rust tests (release profile, shared with the binary the browser tests use)"
+cargo test --release --workspace
+
+log "building parley (release)"
+cargo build --release -p parley
+
+log "browser tests (headless Chromium)"
+(
+    cd tests/e2e
+    npm ci --no-audit --no-fund --loglevel=error
+    export PARLEY_BIN="$PWD/../../target/release/parley"
+    node group_call.mjs
+    node reconnect.mjs
+    node messages.mjs
+    node denied.mjs
+)
+
+log "all tests passed"
