@@ -31,7 +31,10 @@ pub enum ClientMsg {
 impl ClientMsg {
     /// Whether the message is numbered, kept until acknowledged and resent after a resume.
     pub fn is_reliable(&self) -> bool {
-        !matches!(self, ClientMsg::Ack | ClientMsg::Resume { .. } | ClientMsg::Ping)
+        !matches!(
+            self,
+            ClientMsg::Ack | ClientMsg::Resume { .. } | ClientMsg::Ping
+        )
     }
 }
 

@@ -20,10 +20,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use parley_proto::media::{MediaCommand, MediaEvent, SessionId};
+use str0m::Input;
 use str0m::ice::StunMessage;
 use str0m::media::{KeyframeRequestKind, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
-use str0m::Input;
 
 use session::{Session, TrackOut};
 
@@ -168,26 +168,25 @@ impl Sfu {
 
     fn route(&mut self, source: SocketAddr, data: &[u8]) -> Option<SessionId> {
         // RFC 7983: a first byte of 0..=3 is STUN.
-        if data.first().is_some_and(|b| *b < 4) {
-            if let Ok(msg) = StunMessage::parse(data) {
-                if let Some((local, _remote)) = msg.split_username() {
-                    let Some(sid) = self.by_ufrag.get(local).copied() else {
-                        tracing::debug!(%source, ufrag = local, "STUN for an unknown ufrag");
-                        return None;
-                    };
-                    // Learn (or move) the source address once the session's ICE agent checked
-                    // the message integrity; until then route by ufrag only.
-                    let session = self.sessions.get(&sid)?;
-                    let input_ok = msg.is_binding_request();
-                    if input_ok && self.by_addr.get(&source) != Some(&sid) {
-                        if let Some(old) = self.by_addr.insert(source, sid) {
-                            tracing::debug!(%source, from = %old, to = %sid, "address moved session");
-                        }
-                        tracing::debug!(session = %sid, %source, room = %session.room, "learnt address");
-                    }
-                    return Some(sid);
+        if data.first().is_some_and(|b| *b < 4)
+            && let Ok(msg) = StunMessage::parse(data)
+            && let Some((local, _remote)) = msg.split_username()
+        {
+            let Some(sid) = self.by_ufrag.get(local).copied() else {
+                tracing::debug!(%source, ufrag = local, "STUN for an unknown ufrag");
+                return None;
+            };
+            // Learn (or move) the source address once the session's ICE agent checked
+            // the message integrity; until then route by ufrag only.
+            let session = self.sessions.get(&sid)?;
+            let input_ok = msg.is_binding_request();
+            if input_ok && self.by_addr.get(&source) != Some(&sid) {
+                if let Some(old) = self.by_addr.insert(source, sid) {
+                    tracing::debug!(%source, from = %old, to = %sid, "address moved session");
                 }
+                tracing::debug!(session = %sid, %source, room = %session.room, "learnt address");
             }
+            return Some(sid);
         }
         self.by_addr.get(&source).copied()
     }
@@ -226,7 +225,9 @@ impl Sfu {
             for other in members.iter() {
                 if let Some(o) = self.sessions.get(other) {
                     for t in &o.tracks_in {
-                        session.tracks_out.push(TrackOut::new(*other, t.mid, t.kind, &o.stream_id));
+                        session
+                            .tracks_out
+                            .push(TrackOut::new(*other, t.mid, t.kind, &o.stream_id));
                     }
                 }
             }
@@ -432,10 +433,10 @@ impl Sfu {
         kind: KeyframeRequestKind,
         now: Instant,
     ) {
-        if let Some(publisher) = self.sessions.get_mut(&source) {
-            if publisher.request_keyframe(mid, kind, now, KEYFRAME_THROTTLE) {
-                self.to_drive.push(source);
-            }
+        if let Some(publisher) = self.sessions.get_mut(&source)
+            && publisher.request_keyframe(mid, kind, now, KEYFRAME_THROTTLE)
+        {
+            self.to_drive.push(source);
         }
     }
 }

@@ -224,7 +224,8 @@ impl Session {
                 _ => {}
             }
         }
-        self.tracks_out.retain(|t| !(t.source_gone && t.state == TrackState::ToOpen));
+        self.tracks_out
+            .retain(|t| !(t.source_gone && t.state == TrackState::ToOpen));
     }
 
     /// The publisher `source` left (`mid` None), or stopped publishing track `mid`: stop
@@ -333,12 +334,12 @@ impl Session {
             Event::IceConnectionStateChange(state) => {
                 tracing::debug!(session = %self.id, ?state, "ice state");
                 match state {
-                    IceConnectionState::Connected | IceConnectionState::Completed => {
-                        if !self.connected {
-                            self.connected = true;
-                            out.connected = true;
-                            events.push_back(MediaEvent::Connected { session: self.id });
-                        }
+                    IceConnectionState::Connected | IceConnectionState::Completed
+                        if !self.connected =>
+                    {
+                        self.connected = true;
+                        out.connected = true;
+                        events.push_back(MediaEvent::Connected { session: self.id });
                     }
                     IceConnectionState::Disconnected => self.connected = false,
                     _ => {}
@@ -351,12 +352,12 @@ impl Session {
                     out.tracks_removed.push(m.mid);
                 }
             }
-            Event::MediaAdded(m) if m.direction.is_receiving() => {
-                if !self.tracks_in.iter().any(|t| t.mid == m.mid) {
-                    tracing::debug!(session = %self.id, mid = %m.mid, kind = ?m.kind, "track published");
-                    self.tracks_in.push(TrackIn::new(m.mid, m.kind));
-                    out.tracks_added.push((m.mid, m.kind));
-                }
+            Event::MediaAdded(m)
+                if m.direction.is_receiving() && !self.tracks_in.iter().any(|t| t.mid == m.mid) =>
+            {
+                tracing::debug!(session = %self.id, mid = %m.mid, kind = ?m.kind, "track published");
+                self.tracks_in.push(TrackIn::new(m.mid, m.kind));
+                out.tracks_added.push((m.mid, m.kind));
             }
             Event::RtpPacket(pkt) => {
                 let Some(mid) = self
@@ -375,15 +376,14 @@ impl Session {
                     tracing::debug!(session = %self.id, %mid, kind = ?track.kind, "first packet received");
                 }
                 let is_audio = track.kind == MediaKind::Audio;
-                if is_audio {
-                    if let Some(level) = pkt.header.ext_vals.audio_level {
-                        if let Some(speaking) = self.speaking.update(level, now) {
-                            events.push_back(MediaEvent::Speaking {
-                                session: self.id,
-                                speaking,
-                            });
-                        }
-                    }
+                if is_audio
+                    && let Some(level) = pkt.header.ext_vals.audio_level
+                    && let Some(speaking) = self.speaking.update(level, now)
+                {
+                    events.push_back(MediaEvent::Speaking {
+                        session: self.id,
+                        speaking,
+                    });
                 }
                 out.packets.push((mid, pkt));
             }
@@ -426,12 +426,7 @@ impl Session {
         let pt = match t.pt_map.iter().find(|(i, _)| *i == in_pt) {
             Some((_, o)) => *o,
             None => {
-                let Some(o) = self
-                    .rtc
-                    .codec_config()
-                    .match_params(params)
-                    .map(|p| p.pt())
-                else {
+                let Some(o) = self.rtc.codec_config().match_params(params).map(|p| p.pt()) else {
                     tracing::debug!(session = %self.id, %in_pt, "no matching codec");
                     return false;
                 };
@@ -452,10 +447,16 @@ impl Session {
             return false;
         };
         tx.write_rtp(
-            RtpWrite::new(pt, seq, pkt.header.timestamp, pkt.timestamp, pkt.payload.clone())
-                .marker(pkt.header.marker)
-                .ext_vals(pkt.header.ext_vals.clone())
-                .nackable(nackable),
+            RtpWrite::new(
+                pt,
+                seq,
+                pkt.header.timestamp,
+                pkt.timestamp,
+                pkt.payload.clone(),
+            )
+            .marker(pkt.header.marker)
+            .ext_vals(pkt.header.ext_vals.clone())
+            .nackable(nackable),
         );
         true
     }
@@ -471,8 +472,7 @@ impl Session {
         let Some(t) = self.tracks_in.iter_mut().find(|t| t.mid == mid) else {
             return false;
         };
-        if t
-            .last_keyframe_request
+        if t.last_keyframe_request
             .is_some_and(|at| now.saturating_duration_since(at) < throttle)
         {
             // Not dropped: a subscriber that joined just after the last keyframe needs one too.

@@ -50,7 +50,10 @@ fn rooms_are_isolated() {
     });
     w.run(Duration::from_secs(1));
     let cy = w.peer("cy");
-    assert!(w.peers[cy].received.is_empty(), "cy got media from another room");
+    assert!(
+        w.peers[cy].received.is_empty(),
+        "cy got media from another room"
+    );
     assert_eq!(w.received(w.peer("ada"), "cy", MediaKind::Video), 0);
 }
 
@@ -60,7 +63,9 @@ fn leaving_stops_its_media_and_the_rest_continue() {
     for n in NAMES {
         w.join(n, "room1");
     }
-    w.run_until(Duration::from_secs(5), "full mesh", |w| everyone_receives_everyone(w, &NAMES));
+    w.run_until(Duration::from_secs(5), "full mesh", |w| {
+        everyone_receives_everyone(w, &NAMES)
+    });
     let cy = w.peer("cy");
     w.leave(cy);
     w.run(Duration::from_millis(500));
@@ -70,16 +75,27 @@ fn leaving_stops_its_media_and_the_rest_continue() {
     let ada_from_bob = w.received(ada, "bob", MediaKind::Video);
     let bob_from_ada = w.received(bob, "ada", MediaKind::Video);
     w.run(Duration::from_secs(1));
-    assert_eq!(w.received(ada, "cy", MediaKind::Video), from_cy, "media from a leaver");
+    assert_eq!(
+        w.received(ada, "cy", MediaKind::Video),
+        from_cy,
+        "media from a leaver"
+    );
     assert!(w.received(ada, "bob", MediaKind::Video) > ada_from_bob + 10);
     assert!(w.received(bob, "ada", MediaKind::Video) > bob_from_ada + 10);
     // The stayers were offered the removal of cy's m-lines, and answered.
     for i in [ada, bob] {
         let m = w.peers[i].rtc.media(str0m::media::Mid::from("0"));
         let _ = m;
-        assert!(w.peers[i].last_offer_id.unwrap_or(0) >= 2, "no renegotiation after leave");
+        assert!(
+            w.peers[i].last_offer_id.unwrap_or(0) >= 2,
+            "no renegotiation after leave"
+        );
     }
-    assert!(w.events.iter().any(|e| matches!(e, MediaEvent::Closed { .. })));
+    assert!(
+        w.events
+            .iter()
+            .any(|e| matches!(e, MediaEvent::Closed { .. }))
+    );
 }
 
 #[test]
@@ -87,7 +103,9 @@ fn late_joiner_gets_existing_tracks() {
     let mut w = World::new();
     w.join("ada", "r");
     w.join("bob", "r");
-    w.run_until(Duration::from_secs(5), "pair", |w| everyone_receives_everyone(w, &["ada", "bob"]));
+    w.run_until(Duration::from_secs(5), "pair", |w| {
+        everyone_receives_everyone(w, &["ada", "bob"])
+    });
     w.run(Duration::from_secs(2));
     w.join("cy", "r");
     let took = w.run_until(Duration::from_secs(5), "late joiner in mesh", |w| {
@@ -102,7 +120,9 @@ fn renegotiation_adds_a_track_for_everyone() {
     for n in NAMES {
         w.join(n, "room1");
     }
-    w.run_until(Duration::from_secs(5), "full mesh", |w| everyone_receives_everyone(w, &NAMES));
+    w.run_until(Duration::from_secs(5), "full mesh", |w| {
+        everyone_receives_everyone(w, &NAMES)
+    });
     let ada = w.peer("ada");
     w.add_video(ada);
     let bob = w.peer("bob");
@@ -117,22 +137,34 @@ fn renegotiation_adds_a_track_for_everyone() {
 fn glare_converges() {
     let mut w = World::new();
     let ada = w.join("ada", "g");
-    w.run_until(Duration::from_secs(5), "ada connected", |w| w.peers[ada].connected);
+    w.run_until(Duration::from_secs(5), "ada connected", |w| {
+        w.peers[ada].connected
+    });
     // Bob joins: the SFU offers bob's tracks to ada. Before that offer reaches her, ada offers
     // a new track of her own. Both offers cross.
     let ada_session = w.peers[ada].session;
     w.hold_signal = Some(ada_session);
     w.join("bob", "g");
-    w.run_until(Duration::from_secs(5), "the SFU offers bob's tracks to ada", |w| {
-        w.held.iter().any(|e| matches!(e, MediaEvent::Offer { .. }))
-    });
+    w.run_until(
+        Duration::from_secs(5),
+        "the SFU offers bob's tracks to ada",
+        |w| w.held.iter().any(|e| matches!(e, MediaEvent::Offer { .. })),
+    );
     w.add_video(ada);
     w.hold_signal = None;
     w.run_until(Duration::from_secs(5), "both receive after glare", |w| {
         everyone_receives_everyone(w, &["ada", "bob"])
     });
-    assert_eq!(w.peers[ada].ignored_offers, vec![1], "ada ignored the crossing offer");
-    assert_eq!(w.peers[ada].last_offer_id, Some(2), "the SFU offered again after rollback");
+    assert_eq!(
+        w.peers[ada].ignored_offers,
+        vec![1],
+        "ada ignored the crossing offer"
+    );
+    assert_eq!(
+        w.peers[ada].last_offer_id,
+        Some(2),
+        "the SFU offered again after rollback"
+    );
     // Bob gets both of ada's videos.
     let bob = w.peer("bob");
     let before = w.received(bob, "ada", MediaKind::Video);
@@ -145,16 +177,31 @@ fn hostile_input_is_refused_and_others_are_untouched() {
     let mut w = World::new();
     w.join("ada", "h");
     w.join("bob", "h");
-    w.run_until(Duration::from_secs(5), "pair", |w| everyone_receives_everyone(w, &["ada", "bob"]));
+    w.run_until(Duration::from_secs(5), "pair", |w| {
+        everyone_receives_everyone(w, &["ada", "bob"])
+    });
 
     // Garbage datagrams: from strangers, and from a participant's own address.
     let sfu = w.sfu_addr;
     let stranger: SocketAddr = "10.9.9.9:4000".parse().expect("addr");
     let ada_addr = w.peers[w.peer("ada")].addr;
-    let mut junk: Vec<Vec<u8>> = vec![vec![], vec![0], vec![1, 1, 0, 0], vec![0x80; 12], vec![0x16; 40]];
+    let mut junk: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0],
+        vec![1, 1, 0, 0],
+        vec![0x80; 12],
+        vec![0x16; 40],
+    ];
     let mut x: u32 = 12345;
     for len in [1usize, 13, 100, 1500, 3000] {
-        junk.push((0..len).map(|_| { x = x.wrapping_mul(1_103_515_245).wrapping_add(12345); (x >> 16) as u8 }).collect());
+        junk.push(
+            (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (x >> 16) as u8
+                })
+                .collect(),
+        );
     }
     // A STUN binding request with a username of an unknown ufrag.
     let mut stun = vec![0x00, 0x01, 0x00, 0x0c, 0x21, 0x12, 0xa4, 0x42];
@@ -163,21 +210,41 @@ fn hostile_input_is_refused_and_others_are_untouched() {
     stun.extend_from_slice(b"nope:abc");
     junk.push(stun);
     for j in &junk {
-        w.sfu.handle_datagram(w.now, Protocol::Udp, stranger, sfu, j);
-        w.sfu.handle_datagram(w.now, Protocol::Udp, ada_addr, sfu, j);
+        w.sfu
+            .handle_datagram(w.now, Protocol::Udp, stranger, sfu, j);
+        w.sfu
+            .handle_datagram(w.now, Protocol::Udp, ada_addr, sfu, j);
     }
 
     // Hostile SDP: not SDP, a truncated one, a stale answer id.
     let bob = w.peers[w.peer("bob")].session;
     for sdp in ["hello", "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n", ""] {
         w.sfu.handle_command(
-            MediaCommand::Offer { session: bob, room: "h".into(), stream_id: "bob".into(), sdp: sdp.into() },
+            MediaCommand::Offer {
+                session: bob,
+                room: "h".into(),
+                stream_id: "bob".into(),
+                sdp: sdp.into(),
+            },
             w.now,
         );
-        w.sfu.handle_command(MediaCommand::Answer { session: bob, id: 999, sdp: sdp.into() }, w.now);
+        w.sfu.handle_command(
+            MediaCommand::Answer {
+                session: bob,
+                id: 999,
+                sdp: sdp.into(),
+            },
+            w.now,
+        );
     }
     w.step();
-    assert!(w.events.iter().filter(|e| matches!(e, MediaEvent::SdpRejected { .. })).count() >= 3);
+    assert!(
+        w.events
+            .iter()
+            .filter(|e| matches!(e, MediaEvent::SdpRejected { .. }))
+            .count()
+            >= 3
+    );
 
     let ada = w.peer("ada");
     let before = w.received(ada, "bob", MediaKind::Video);
@@ -193,7 +260,9 @@ fn speaking_follows_the_loud_peer() {
     let mut w = World::new();
     w.join("ada", "s");
     w.join("bob", "s");
-    w.run_until(Duration::from_secs(5), "pair", |w| everyone_receives_everyone(w, &["ada", "bob"]));
+    w.run_until(Duration::from_secs(5), "pair", |w| {
+        everyone_receives_everyone(w, &["ada", "bob"])
+    });
     let ada = w.peer("ada");
     let ada_session = w.peers[ada].session;
     w.peers[ada].audio_level = -15;
@@ -205,5 +274,9 @@ fn speaking_follows_the_loud_peer() {
         w.events.iter().any(|e| matches!(e, MediaEvent::Speaking { session, speaking: false } if *session == ada_session))
     });
     let bob_session = w.peers[w.peer("bob")].session;
-    assert!(!w.events.iter().any(|e| matches!(e, MediaEvent::Speaking { session, .. } if *session == bob_session)));
+    assert!(
+        !w.events
+            .iter()
+            .any(|e| matches!(e, MediaEvent::Speaking { session, .. } if *session == bob_session))
+    );
 }

@@ -92,8 +92,20 @@ impl World {
         let mut rtc = Rtc::builder().build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").expect("host candidate"));
         let mut api = rtc.sdp_api();
-        let audio = api.add_media(MediaKind::Audio, Direction::SendOnly, Some(name.into()), None, None);
-        let video = api.add_media(MediaKind::Video, Direction::SendOnly, Some(name.into()), None, None);
+        let audio = api.add_media(
+            MediaKind::Audio,
+            Direction::SendOnly,
+            Some(name.into()),
+            None,
+            None,
+        );
+        let video = api.add_media(
+            MediaKind::Video,
+            Direction::SendOnly,
+            Some(name.into()),
+            None,
+            None,
+        );
         let (offer, pending) = api.apply().expect("changes");
         let session = SessionId(self.next_session);
         self.next_session += 1;
@@ -133,7 +145,13 @@ impl World {
     pub fn add_video(&mut self, idx: usize) -> Mid {
         let p = &mut self.peers[idx];
         let mut api = p.rtc.sdp_api();
-        let mid = api.add_media(MediaKind::Video, Direction::SendOnly, Some(p.name.clone()), None, None);
+        let mid = api.add_media(
+            MediaKind::Video,
+            Direction::SendOnly,
+            Some(p.name.clone()),
+            None,
+            None,
+        );
         let (offer, pending) = api.apply().expect("changes");
         p.pending = Some(pending);
         p.video_mids.push(mid);
@@ -149,7 +167,8 @@ impl World {
 
     pub fn leave(&mut self, idx: usize) {
         let session = self.peers[idx].session;
-        self.sfu.handle_command(MediaCommand::Close { session }, self.now);
+        self.sfu
+            .handle_command(MediaCommand::Close { session }, self.now);
         self.peers[idx].sending = false;
         self.peers[idx].rtc.disconnect();
     }
@@ -182,7 +201,10 @@ impl World {
                 MediaEvent::Answer { sdp, .. } => {
                     let answer = SdpAnswer::from_sdp_string(&sdp).expect("valid answer");
                     if let Some(pending) = p.pending.take() {
-                        p.rtc.sdp_api().accept_answer(pending, answer).expect("answer accepted");
+                        p.rtc
+                            .sdp_api()
+                            .accept_answer(pending, answer)
+                            .expect("answer accepted");
                     }
                 }
                 MediaEvent::Offer { id, sdp, .. } => {
@@ -225,7 +247,13 @@ impl World {
                     Output::Timeout(_) => break,
                     Output::Transmit(t) => {
                         let addr = p.addr;
-                        self.sfu.handle_datagram(now, Protocol::Udp, addr, t.destination, &t.contents);
+                        self.sfu.handle_datagram(
+                            now,
+                            Protocol::Udp,
+                            addr,
+                            t.destination,
+                            &t.contents,
+                        );
                     }
                     Output::Event(e) => p.handle_event(e),
                 }
@@ -245,7 +273,12 @@ impl World {
             };
             let input = Input::Receive(
                 now,
-                Receive { proto: Protocol::Udp, source: t.source, destination: p.addr, contents },
+                Receive {
+                    proto: Protocol::Udp,
+                    source: t.source,
+                    destination: p.addr,
+                    contents,
+                },
             );
             let _ = p.rtc.handle_input(input);
         }
@@ -270,17 +303,29 @@ impl World {
     }
 
     /// Steps until `f` holds, failing after `limit` of fake time.
-    pub fn run_until(&mut self, limit: Duration, what: &str, mut f: impl FnMut(&World) -> bool) -> Duration {
+    pub fn run_until(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        mut f: impl FnMut(&World) -> bool,
+    ) -> Duration {
         let start = self.now;
         while !f(self) {
-            assert!(self.now - start < limit, "timed out after {limit:?} waiting for: {what}");
+            assert!(
+                self.now - start < limit,
+                "timed out after {limit:?} waiting for: {what}"
+            );
             self.step();
         }
         self.now - start
     }
 
     pub fn received(&self, idx: usize, from: &str, kind: MediaKind) -> u64 {
-        self.peers[idx].received.get(&(from.to_string(), kind)).copied().unwrap_or(0)
+        self.peers[idx]
+            .received
+            .get(&(from.to_string(), kind))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -291,13 +336,20 @@ impl Peer {
         }
         if now >= self.next_audio {
             self.next_audio = now + Duration::from_millis(20);
-            if let Some(mid) = self.audio_mid {
-                if let Some(w) = self.rtc.writer(mid) {
-                    let pt = w.payload_params().find(|p| p.spec().codec == Codec::Opus).map(|p| p.pt());
-                    if let Some(pt) = pt {
-                        let t = MediaTime::from_seconds((now - self.next_audio + Duration::from_secs(100)).as_secs_f64());
-                        let _ = w.audio_level(self.audio_level, true).write(pt, now, t, vec![0x55u8; 80]);
-                    }
+            if let Some(mid) = self.audio_mid
+                && let Some(w) = self.rtc.writer(mid)
+            {
+                let pt = w
+                    .payload_params()
+                    .find(|p| p.spec().codec == Codec::Opus)
+                    .map(|p| p.pt());
+                if let Some(pt) = pt {
+                    let t = MediaTime::from_seconds(
+                        (now - self.next_audio + Duration::from_secs(100)).as_secs_f64(),
+                    );
+                    let _ =
+                        w.audio_level(self.audio_level, true)
+                            .write(pt, now, t, vec![0x55u8; 80]);
                 }
             }
         }
@@ -305,14 +357,21 @@ impl Peer {
             self.next_video = now + Duration::from_millis(33);
             self.frames_sent += 1;
             for mid in self.video_mids.clone() {
-                let Some(w) = self.rtc.writer(mid) else { continue };
-                let Some(pt) = w.payload_params().find(|p| p.spec().codec == Codec::Vp8).map(|p| p.pt()) else {
+                let Some(w) = self.rtc.writer(mid) else {
+                    continue;
+                };
+                let Some(pt) = w
+                    .payload_params()
+                    .find(|p| p.spec().codec == Codec::Vp8)
+                    .map(|p| p.pt())
+                else {
                     continue;
                 };
                 // Every frame is a (fake) VP8 keyframe: tag, start code, 640x360.
                 let mut frame = vec![0x50, 0x2a, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0x68, 0x01];
                 frame.resize(1800, 0x11);
-                let t = MediaTime::new(self.frames_sent * 3000, str0m::media::Frequency::NINETY_KHZ);
+                let t =
+                    MediaTime::new(self.frames_sent * 3000, str0m::media::Frequency::NINETY_KHZ);
                 let _ = w.write(pt, now, t, frame);
             }
         }
@@ -323,7 +382,9 @@ impl Peer {
         match e {
             Event::Connected => self.connected = true,
             Event::MediaData(d) => {
-                let Some(media) = self.rtc.media(d.mid) else { return };
+                let Some(media) = self.rtc.media(d.mid) else {
+                    return;
+                };
                 let key = (media.stream_id().to_string(), media.kind());
                 *self.received.entry(key).or_default() += 1;
             }
