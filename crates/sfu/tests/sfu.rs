@@ -280,3 +280,24 @@ fn speaking_follows_the_loud_peer() {
             .any(|e| matches!(e, MediaEvent::Speaking { session, .. } if *session == bob_session))
     );
 }
+
+#[test]
+fn ice_restart_from_a_new_address_keeps_media_flowing() {
+    let mut w = World::new();
+    w.join("ada", "i");
+    w.join("bob", "i");
+    w.run_until(Duration::from_secs(5), "pair", |w| {
+        everyone_receives_everyone(w, &["ada", "bob"])
+    });
+    let ada = w.peer("ada");
+    let bob = w.peer("bob");
+    w.ice_restart(ada, 6000);
+    w.run(Duration::from_millis(300));
+    let (to_bob, to_ada) = (
+        w.received(bob, "ada", MediaKind::Video),
+        w.received(ada, "bob", MediaKind::Video),
+    );
+    w.run(Duration::from_secs(2));
+    assert!(w.received(bob, "ada", MediaKind::Video) > to_bob + 30);
+    assert!(w.received(ada, "bob", MediaKind::Video) > to_ada + 30);
+}

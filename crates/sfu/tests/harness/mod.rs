@@ -36,6 +36,7 @@ pub struct Peer {
     pub received: HashMap<(String, MediaKind), u64>,
     pub last_offer_id: Option<u64>,
     pub ignored_offers: Vec<u64>,
+    pub candidate_after_answer: Option<SocketAddr>,
     pub audio_level: i8,
     pub sending: bool,
     pub frames_sent: u64,
@@ -55,6 +56,8 @@ pub struct World {
     /// While set, signaling messages from the SFU to this session wait (in order) in `held`.
     pub hold_signal: Option<SessionId>,
     pub held: Vec<MediaEvent>,
+    /// Addresses that no longer work (datagrams from or to them are lost).
+    pub dead: Vec<SocketAddr>,
     next_session: u64,
 }
 
@@ -74,6 +77,7 @@ impl World {
             events: Vec::new(),
             hold_signal: None,
             held: Vec::new(),
+            dead: Vec::new(),
             next_session: 1,
         }
     }
@@ -121,6 +125,7 @@ impl World {
             received: HashMap::new(),
             last_offer_id: None,
             ignored_offers: Vec::new(),
+            candidate_after_answer: None,
             audio_level: -127,
             sending: true,
             frames_sent: 0,
@@ -165,6 +170,26 @@ impl World {
         mid
     }
 
+    /// The peer moves to a new address (like a network change) and restarts ICE.
+    pub fn ice_restart(&mut self, idx: usize, new_port: u16) {
+        let p = &mut self.peers[idx];
+        self.dead.push(p.addr);
+        p.addr.set_port(new_port);
+        let mut api = p.rtc.sdp_api();
+        api.ice_restart(false);
+        let (offer, pending) = api.apply().expect("ice restart offer");
+        p.pending = Some(pending);
+        // The restart drops the old candidates when the answer arrives; add the new one then.
+        p.candidate_after_answer = Some(p.addr);
+        let cmd = MediaCommand::Offer {
+            session: p.session,
+            room: String::new(),
+            stream_id: p.name.clone(),
+            sdp: offer.to_sdp_string(),
+        };
+        self.sfu.handle_command(cmd, self.now);
+    }
+
     pub fn leave(&mut self, idx: usize) {
         let session = self.peers[idx].session;
         self.sfu
@@ -206,6 +231,11 @@ impl World {
                             .accept_answer(pending, answer)
                             .expect("answer accepted");
                     }
+                    if let Some(addr) = p.candidate_after_answer.take() {
+                        p.rtc.add_local_candidate(
+                            Candidate::host(addr, "udp").expect("host candidate"),
+                        );
+                    }
                 }
                 MediaEvent::Offer { id, sdp, .. } => {
                     if p.pending.is_some() {
@@ -245,12 +275,12 @@ impl World {
                 }
                 match p.rtc.poll_output().expect("peer poll") {
                     Output::Timeout(_) => break,
+                    Output::Transmit(t) if self.dead.contains(&t.source) => {}
                     Output::Transmit(t) => {
-                        let addr = p.addr;
                         self.sfu.handle_datagram(
                             now,
                             Protocol::Udp,
-                            addr,
+                            t.source,
                             t.destination,
                             &t.contents,
                         );
@@ -261,7 +291,15 @@ impl World {
         }
         // SFU → peers.
         while let Some(t) = self.sfu.poll_transmit() {
-            let Some(p) = self.peers.iter_mut().find(|p| p.addr == t.destination) else {
+            if self.dead.contains(&t.destination) {
+                continue;
+            }
+            // Each peer has its own IP; any of its ports is reachable.
+            let Some(p) = self
+                .peers
+                .iter_mut()
+                .find(|p| p.addr.ip() == t.destination.ip())
+            else {
                 continue;
             };
             if !p.rtc.is_alive() {
@@ -276,7 +314,7 @@ impl World {
                 Receive {
                     proto: Protocol::Udp,
                     source: t.source,
-                    destination: p.addr,
+                    destination: t.destination,
                     contents,
                 },
             );
