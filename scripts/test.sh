@@ -43,6 +43,7 @@ log "browser tests (headless Chromium)"
     node group_call.mjs
     node reconnect.mjs
     node messages.mjs
+    node tls.mjs
     node denied.mjs
 )
 

@@ -52,7 +52,7 @@ export function freeUdpPort() {
 }
 
 /** Starts `parley serve` on free ports and waits for /healthz. */
-export async function startServer({ logFile = join(repoRoot, "tests/e2e/server.log"), timeoutMs = 20000, extraArgs = [] } = {}) {
+export async function startServer({ logFile = join(repoRoot, "tests/e2e/server.log"), timeoutMs = 20000, extraArgs = [], scheme = "http" } = {}) {
   const bin = resolve(repoRoot, process.env.PARLEY_BIN || "target/release/parley");
   if (!existsSync(bin)) {
     throw new Error(`server binary not found at ${bin}: build it (cargo build --release) or set PARLEY_BIN`);
@@ -75,7 +75,7 @@ export async function startServer({ logFile = join(repoRoot, "tests/e2e/server.l
   });
   const server = {
     proc,
-    url: `http://127.0.0.1:${httpPort}`,
+    url: `${scheme}://127.0.0.1:${httpPort}`,
     httpPort,
     rtcPort,
     logFile,
