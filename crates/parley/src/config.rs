@@ -74,7 +74,10 @@ impl Config {
             anyhow::bail!("max_messages_per_sec: must be at least 1");
         }
         if self.public_ip.iter().any(|ip| ip.is_unspecified()) {
-            anyhow::bail!("public_ip: {} is not an address clients can reach", IpAddr::from([0, 0, 0, 0]));
+            anyhow::bail!(
+                "public_ip: {} is not an address clients can reach",
+                IpAddr::from([0, 0, 0, 0])
+            );
         }
         Ok(())
     }

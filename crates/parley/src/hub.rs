@@ -62,6 +62,9 @@ impl Participant {
     }
 }
 
+/// Server messages kept for one participant until acknowledged; beyond this it is cut off.
+const MAX_UNACKED: usize = 4096;
+
 fn wire_id(id: u64) -> String {
     format!("p{id}")
 }
@@ -96,10 +99,12 @@ impl Hub {
         self.out.drain(..)
     }
 
+    #[cfg(test)]
     pub fn room_count(&self) -> usize {
         self.rooms.len()
     }
 
+    #[cfg(test)]
     pub fn participant_count(&self) -> usize {
         self.participants.len()
     }
@@ -109,21 +114,23 @@ impl Hub {
     }
 
     pub fn connection_closed(&mut self, conn: ConnId, now: Instant) {
-        if let Some(Some(pid)) = self.conns.remove(&conn) {
-            if let Some(p) = self.participants.get_mut(&pid) {
-                if p.conn == Some(conn) {
-                    p.conn = None;
-                    p.disconnected_at = Some(now);
-                    tracing::info!(participant = %p.wire_id(), room = %p.room, "connection lost; waiting for resume");
-                }
-            }
+        if let Some(Some(pid)) = self.conns.remove(&conn)
+            && let Some(p) = self.participants.get_mut(&pid)
+            && p.conn == Some(conn)
+        {
+            p.conn = None;
+            p.disconnected_at = Some(now);
+            tracing::info!(participant = %p.wire_id(), room = %p.room, "connection lost; waiting for resume");
         }
     }
 
     /// A frame the driver could not parse, or refused for its size or rate.
     pub fn bad_frame(&mut self, conn: ConnId, err: FrameError) {
         let (code, message) = match err {
-            FrameError::UnknownType(t) => (ErrorCode::UnknownType, format!("unknown message type {t:?}")),
+            FrameError::UnknownType(t) => (
+                ErrorCode::UnknownType,
+                format!("unknown message type {t:?}"),
+            ),
             FrameError::BadMessage(m) => (ErrorCode::BadMessage, format!("malformed message: {m}")),
         };
         tracing::info!(conn = conn.0, %message, "bad client message");
@@ -151,7 +158,12 @@ impl Hub {
         if reliable {
             match (joined, frame.seq) {
                 (_, None) => {
-                    self.error(conn, ErrorCode::BadMessage, "reliable message without \"seq\"".into(), None);
+                    self.error(
+                        conn,
+                        ErrorCode::BadMessage,
+                        "reliable message without \"seq\"".into(),
+                        None,
+                    );
                     return;
                 }
                 (Some(pid), Some(seq)) => {
@@ -206,7 +218,12 @@ impl Hub {
                     self.conns.insert(conn, None);
                     self.out.push(Output::Close(conn, "left"));
                 } else {
-                    self.error(conn, ErrorCode::NotJoined, "you have not joined a room".into(), frame.seq);
+                    self.error(
+                        conn,
+                        ErrorCode::NotJoined,
+                        "you have not joined a room".into(),
+                        frame.seq,
+                    );
                 }
             }
             ClientMsg::Ping => self.out.push(Output::Send(
@@ -220,10 +237,14 @@ impl Hub {
             ClientMsg::Ack | ClientMsg::Resume { .. } => {}
         }
         // Acknowledge a reliable message that got no reply of its own.
-        if reliable && self.out.len() == sent_before {
-            if let Some(Some(pid)) = self.conns.get(&conn).copied() {
-                self.send_ack(pid);
-            }
+        let replied = self.out[sent_before..]
+            .iter()
+            .any(|o| matches!(o, Output::Send(c, _) if *c == conn));
+        if reliable
+            && !replied
+            && let Some(Some(pid)) = self.conns.get(&conn).copied()
+        {
+            self.send_ack(pid);
         }
     }
 
@@ -254,8 +275,9 @@ impl Hub {
             .participants
             .values()
             .filter(|p| {
-                p.disconnected_at
-                    .is_some_and(|at| now.saturating_duration_since(at) >= self.config.resume_window)
+                p.disconnected_at.is_some_and(|at| {
+                    now.saturating_duration_since(at) >= self.config.resume_window
+                })
             })
             .map(|p| p.id)
             .collect();
@@ -275,7 +297,12 @@ impl Hub {
     ) {
         let _ = now;
         if joined.is_some() {
-            self.error(conn, ErrorCode::AlreadyJoined, "this connection has joined a room already".into(), seq);
+            self.error(
+                conn,
+                ErrorCode::AlreadyJoined,
+                "this connection has joined a room already".into(),
+                seq,
+            );
             return;
         }
         if let Err(msg) = validate_room_name(&room) {
@@ -290,16 +317,16 @@ impl Hub {
             }
         };
         let members = self.rooms.get(&room).map_or(0, Vec::len);
-        if let Some(max) = self.config.max_participants {
-            if members >= max {
-                self.error(
-                    conn,
-                    ErrorCode::RoomFull,
-                    format!("room {room:?} is full ({max} participants)"),
-                    seq,
-                );
-                return;
-            }
+        if let Some(max) = self.config.max_participants
+            && members >= max
+        {
+            self.error(
+                conn,
+                ErrorCode::RoomFull,
+                format!("room {room:?} is full ({max} participants)"),
+                seq,
+            );
+            return;
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -340,12 +367,21 @@ impl Hub {
                 participants: others,
             },
         );
-        self.broadcast(&room, Some(id), ServerMsg::ParticipantJoined { participant: info });
+        self.broadcast(
+            &room,
+            Some(id),
+            ServerMsg::ParticipantJoined { participant: info },
+        );
     }
 
     fn resume(&mut self, conn: ConnId, joined: Option<u64>, token: &str, ack: u64) {
         if joined.is_some() {
-            self.error(conn, ErrorCode::AlreadyJoined, "this connection is already in a session".into(), None);
+            self.error(
+                conn,
+                ErrorCode::AlreadyJoined,
+                "this connection is already in a session".into(),
+                None,
+            );
             return;
         }
         let Some(pid) = self.by_token.get(token).copied() else {
@@ -364,11 +400,11 @@ impl Hub {
         let Some(p) = self.participants.get_mut(&pid) else {
             return;
         };
-        if let Some(old) = p.conn.replace(conn) {
-            if old != conn {
-                self.conns.insert(old, None);
-                self.out.push(Output::Close(old, "resumed elsewhere"));
-            }
+        if let Some(old) = p.conn.replace(conn)
+            && old != conn
+        {
+            self.conns.insert(old, None);
+            self.out.push(Output::Close(old, "resumed elsewhere"));
         }
         p.disconnected_at = None;
         self.conns.insert(conn, Some(pid));
@@ -393,13 +429,22 @@ impl Hub {
 
     fn acknowledge(&mut self, pid: u64, ack: u64) {
         if let Some(p) = self.participants.get_mut(&pid) {
-            while p.unacked.front().is_some_and(|f| f.seq.is_some_and(|s| s <= ack)) {
+            while p
+                .unacked
+                .front()
+                .is_some_and(|f| f.seq.is_some_and(|s| s <= ack))
+            {
                 p.unacked.pop_front();
             }
         }
     }
 
-    fn joined(&mut self, conn: ConnId, joined: Option<u64>, seq: Option<u64>) -> Option<&Participant> {
+    fn joined(
+        &mut self,
+        conn: ConnId,
+        joined: Option<u64>,
+        seq: Option<u64>,
+    ) -> Option<&Participant> {
         match joined {
             Some(pid) => self.participants.get(&pid),
             None => {
@@ -442,7 +487,11 @@ impl Hub {
         self.out.push(Output::Media(MediaCommand::Close {
             session: SessionId(pid),
         }));
-        self.broadcast(&p.room, None, ServerMsg::ParticipantLeft { id: p.wire_id() });
+        self.broadcast(
+            &p.room,
+            None,
+            ServerMsg::ParticipantLeft { id: p.wire_id() },
+        );
     }
 
     /// Sends a reliable message to a participant (kept until acknowledged).
@@ -456,6 +505,16 @@ impl Hub {
             msg,
         };
         p.next_seq += 1;
+        if p.unacked.len() >= MAX_UNACKED {
+            // A client that never acknowledges would grow this queue without bound.
+            tracing::warn!(participant = %p.wire_id(), "too many unacknowledged messages");
+            if let Some(conn) = p.conn {
+                self.out
+                    .push(Output::Close(conn, "too many unacknowledged messages"));
+            }
+            self.remove(pid, "too many unacknowledged messages");
+            return;
+        }
         p.unacked.push_back(frame.clone());
         if let Some(conn) = p.conn {
             self.out.push(Output::Send(conn, frame));
@@ -463,17 +522,17 @@ impl Hub {
     }
 
     fn send_ack(&mut self, pid: u64) {
-        if let Some(p) = self.participants.get(&pid) {
-            if let Some(conn) = p.conn {
-                self.out.push(Output::Send(
-                    conn,
-                    ServerFrame {
-                        seq: None,
-                        ack: Some(p.last_in),
-                        msg: ServerMsg::Ack,
-                    },
-                ));
-            }
+        if let Some(p) = self.participants.get(&pid)
+            && let Some(conn) = p.conn
+        {
+            self.out.push(Output::Send(
+                conn,
+                ServerFrame {
+                    seq: None,
+                    ack: Some(p.last_in),
+                    msg: ServerMsg::Ack,
+                },
+            ));
         }
     }
 

@@ -440,6 +440,7 @@ fn media_answers_and_offers_reach_only_their_participant() {
     let (b, _, _) = t.join("demo", "Bob");
     t.take(a);
     t.send(b, r#"{"seq":2,"type":"offer","sdp":"v=0 offer"}"#);
+    t.take(b); // at most an acknowledgement
     t.media_event(MediaEvent::Answer {
         session: SessionId(2),
         sdp: "v=0 answer".into(),
@@ -500,6 +501,7 @@ fn rejected_sdp_is_an_error_to_its_participant() {
     let (b, _, _) = t.join("demo", "Bob");
     t.take(a);
     t.send(b, r#"{"seq":2,"type":"offer","sdp":"garbage"}"#);
+    t.take(b); // at most an acknowledgement
     t.media_event(MediaEvent::SdpRejected {
         session: SessionId(2),
         reason: "no m-lines".into(),
@@ -561,7 +563,7 @@ fn reliable_frames_are_numbered_consecutively_and_pongs_are_not() {
 }
 
 #[test]
-fn a_message_without_reply_is_acknowledged() {
+fn an_answer_to_parleys_offer_is_acknowledged() {
     let mut t = TestHub::new(None);
     let (a, _, _) = t.join("demo", "Ada");
     t.send(a, r#"{"seq":2,"type":"answer","id":1,"sdp":"v=0"}"#);

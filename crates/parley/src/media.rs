@@ -18,8 +18,6 @@ use tokio::sync::mpsc;
 pub struct MediaPlane {
     pub commands: mpsc::UnboundedSender<MediaCommand>,
     pub events: mpsc::UnboundedReceiver<MediaEvent>,
-    pub local_addr: SocketAddr,
-    pub candidates: Vec<SocketAddr>,
 }
 
 /// Binds the media port and starts the media plane on its own thread.
@@ -46,7 +44,7 @@ pub fn start(bind: SocketAddr, public_ips: &[IpAddr]) -> anyhow::Result<MediaPla
     let sfu = Sfu::new(SfuConfig {
         candidates: candidates.clone(),
     });
-    let driver_candidates = candidates.clone();
+    let driver_candidates = candidates;
     std::thread::Builder::new()
         .name("media".into())
         .spawn(move || {
@@ -89,8 +87,6 @@ pub fn start(bind: SocketAddr, public_ips: &[IpAddr]) -> anyhow::Result<MediaPla
     Ok(MediaPlane {
         commands: cmd_tx,
         events: ev_rx,
-        local_addr,
-        candidates,
     })
 }
 
@@ -99,14 +95,13 @@ pub fn start(bind: SocketAddr, public_ips: &[IpAddr]) -> anyhow::Result<MediaPla
 fn host_addresses() -> Vec<IpAddr> {
     let mut ips = Vec::new();
     // Connecting a UDP socket sends nothing; it only asks the kernel for the route's source.
-    if let Ok(s) = std::net::UdpSocket::bind("0.0.0.0:0") {
-        if s.connect("192.0.2.1:9").is_ok() {
-            if let Ok(addr) = s.local_addr() {
-                if !addr.ip().is_loopback() && !addr.ip().is_unspecified() {
-                    ips.push(addr.ip());
-                }
-            }
-        }
+    if let Ok(s) = std::net::UdpSocket::bind("0.0.0.0:0")
+        && s.connect("192.0.2.1:9").is_ok()
+        && let Ok(addr) = s.local_addr()
+        && !addr.ip().is_loopback()
+        && !addr.ip().is_unspecified()
+    {
+        ips.push(addr.ip());
     }
     ips.push(IpAddr::from([127, 0, 0, 1]));
     ips
@@ -158,8 +153,10 @@ impl Driver {
 
     fn receive(&mut self, bufs: &mut [[u8; BUF]], metas: &mut [RecvMeta]) {
         loop {
-            let mut slices: Vec<IoSliceMut<'_>> =
-                bufs.iter_mut().map(|b| IoSliceMut::new(&mut b[..])).collect();
+            let mut slices: Vec<IoSliceMut<'_>> = bufs
+                .iter_mut()
+                .map(|b| IoSliceMut::new(&mut b[..]))
+                .collect();
             let res = self.sock.try_io(Interest::READABLE, || {
                 self.state.recv((&self.sock).into(), &mut slices, metas)
             });
@@ -186,10 +183,10 @@ impl Driver {
 
     /// The candidate address a datagram was sent to.
     fn destination(&self, dst_ip: Option<IpAddr>) -> SocketAddr {
-        if let Some(ip) = dst_ip {
-            if let Some(c) = self.candidates.iter().find(|c| c.ip() == ip) {
-                return *c;
-            }
+        if let Some(ip) = dst_ip
+            && let Some(c) = self.candidates.iter().find(|c| c.ip() == ip)
+        {
+            return *c;
         }
         // Behind a 1:1 NAT the packet's destination is a private address: use the public one.
         self.candidates.first().copied().unwrap_or(self.local_addr)

@@ -47,6 +47,9 @@ struct Limits {
     max_messages_per_sec: u32,
 }
 
+/// A connection that sends nothing (not even the client's pings) for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Queue depth towards one client; a client this far behind is cut off (it can resume).
 const CONN_QUEUE: usize = 1024;
 
@@ -92,7 +95,10 @@ pub async fn run(config: Config, media: MediaPlane) -> anyhow::Result<()> {
         .with_context(|| format!("binding the HTTP address {addr}"))?;
     std_listener.set_nonblocking(true)?;
     let bound = std_listener.local_addr()?;
-    tracing::info!("Parley is ready: open {scheme}://{}/r/demo", display_addr(bound));
+    tracing::info!(
+        "Parley is ready: open {scheme}://{}/r/demo",
+        display_addr(bound)
+    );
     let service = app.into_make_service();
     match tls {
         Some(tls) => {
@@ -216,7 +222,11 @@ async fn hub_loop(mut hub: Hub, mut rx: mpsc::UnboundedReceiver<HubIn>, mut medi
 
 async fn ws_upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
     // The transport's own cap is generous so that a too-large frame gets a clear error from us.
-    let cap = state.limits.max_message_bytes.saturating_mul(4).max(1 << 16);
+    let cap = state
+        .limits
+        .max_message_bytes
+        .saturating_mul(16)
+        .max(1 << 20);
     ws.max_message_size(cap)
         .max_frame_size(cap)
         .on_upgrade(move |socket| connection(socket, state))
@@ -230,23 +240,44 @@ async fn connection(mut socket: WebSocket, state: AppState) {
     }
     let limits = state.limits;
     let mut bucket = TokenBucket::new(limits.max_messages_per_sec, Instant::now());
+    let idle = tokio::time::sleep(IDLE_TIMEOUT);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
+            _ = &mut idle => {
+                // A half-open connection: a live client pings every few seconds.
+                tracing::info!(conn = conn.0, "no message for {IDLE_TIMEOUT:?}; closing");
+                break;
+            }
             incoming = socket.recv() => {
                 let msg = match incoming {
                     Some(Ok(m)) => m,
                     Some(Err(err)) => {
                         tracing::debug!(conn = conn.0, %err, "websocket error");
+                        // The transport refused a frame over its own cap: say so before closing.
+                        if err.to_string().contains("Space limit exceeded") {
+                            let refuse = HubIn::Refuse(conn, ErrorCode::TooLarge, format!(
+                                "message over the limit of {} bytes", limits.max_message_bytes));
+                            if state.hub.send(refuse).is_ok() {
+                                flush_until_close(&mut socket, &mut rx).await;
+                            }
+                        }
                         break;
                     }
                     None => break,
                 };
+                idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+                if matches!(msg, Message::Text(_) | Message::Binary(_)) && !bucket.take(Instant::now()) {
+                    let refuse = HubIn::Refuse(conn, ErrorCode::RateLimited, format!(
+                        "more than {} messages per second; disconnected", limits.max_messages_per_sec));
+                    if state.hub.send(refuse).is_err() {
+                        break;
+                    }
+                    continue;
+                }
                 let to_hub = match msg {
                     Message::Text(text) => {
-                        if !bucket.take(Instant::now()) {
-                            HubIn::Refuse(conn, ErrorCode::RateLimited, format!(
-                                "more than {} messages per second; disconnected", limits.max_messages_per_sec))
-                        } else if text.len() > limits.max_message_bytes {
+                        if text.len() > limits.max_message_bytes {
                             HubIn::Refuse(conn, ErrorCode::TooLarge, format!(
                                 "message of {} bytes is over the limit of {} bytes", text.len(), limits.max_message_bytes))
                         } else {
@@ -285,6 +316,28 @@ async fn connection(mut socket: WebSocket, state: AppState) {
         }
     }
     let _ = state.hub.send(HubIn::Closed(conn));
+}
+
+/// Sends what the hub queued for a refused connection, until its close arrives.
+async fn flush_until_close(socket: &mut WebSocket, rx: &mut mpsc::Receiver<Outbound>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(Some(out)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        match out {
+            Outbound::Text(t) => {
+                if socket.send(Message::Text(t.into())).await.is_err() {
+                    return;
+                }
+            }
+            Outbound::Close(why) => {
+                let close = CloseFrame {
+                    code: 1009,
+                    reason: Utf8Bytes::from_static(why),
+                };
+                let _ = socket.send(Message::Close(Some(close))).await;
+                return;
+            }
+        }
+    }
 }
 
 /// Allows `rate` messages per second with bursts of twice that.
@@ -351,7 +404,10 @@ async fn sdk_asset(Path(file): Path<String>) -> Response {
 
 fn asset(mime: &'static str, body: &'static str) -> Response {
     (
-        [(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "no-cache")],
+        [
+            (header::CONTENT_TYPE, mime),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
         body,
     )
         .into_response()

@@ -169,11 +169,17 @@ impl Client {
 
     /// Every frame until Parley closes the connection.
     async fn until_closed(&mut self) -> Vec<Value> {
-        let mut frames = Vec::new();
+        let mut frames: Vec<Value> = Vec::new();
         loop {
-            let next = tokio::time::timeout(REPLY, self.ws.next())
-                .await
-                .expect("Parley closes the connection in time");
+            let Ok(next) = tokio::time::timeout(REPLY, self.ws.next()).await else {
+                let mut counts = std::collections::BTreeMap::new();
+                for f in &frames {
+                    *counts
+                        .entry(format!("{} {}", f["type"], f["code"]))
+                        .or_insert(0) += 1;
+                }
+                panic!("Parley did not close the connection within {REPLY:?}; it sent {counts:?}");
+            };
             match next {
                 Some(Ok(Message::Text(t))) => {
                     frames.push(serde_json::from_str(&t).expect("Parley sends JSON"))
@@ -363,6 +369,34 @@ async fn a_flood_of_messages_is_cut_off_without_disturbing_others() {
         let mute = bob.expect("mute").await;
         assert_eq!(mute["ack"], 2);
         bob.ping_pong().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_flood_of_binary_frames_is_cut_off_too() {
+    within_time_limit(async {
+        let server = Server::start(&["--max-messages-per-sec", "20"]).await;
+        let mut flooder = server.client().await;
+        flooder.join("demo", "Flo").await;
+        for _ in 0..200 {
+            if flooder
+                .ws
+                .feed(Message::Binary(vec![0u8; 16].into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = flooder.ws.flush().await;
+        let frames = flooder.until_closed().await;
+        let errors = frames.iter().filter(|f| f["code"] == "bad_message").count();
+        assert!(
+            frames.iter().any(|f| f["code"] == "rate_limited"),
+            "binary frames count towards --max-messages-per-sec: {errors} bad_message errors, {:?}",
+            types(&frames)
+        );
     })
     .await;
 }
