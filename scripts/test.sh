@@ -44,6 +44,7 @@ log "browser tests (headless Chromium)"
     node reconnect.mjs
     node messages.mjs
     node tls.mjs
+    node speaking.mjs
     node denied.mjs
 )
 

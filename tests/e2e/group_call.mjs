@@ -185,6 +185,18 @@ await runTest("group_call", {
     }
     log(`mute of ${u1.name} shown on ${u2.name} and ${u3.name}`);
 
+    // Camera off on page 2 shows on pages 1 and 3; camera on again clears it.
+    await u2.page.getByRole("button", { name: "Camera off", exact: true }).click();
+    await u2.page.getByRole("button", { name: "Camera on", exact: true }).waitFor({ timeout: 2000 });
+    for (const u of [u1, u3]) {
+      await u.page.waitForSelector(`.tile[data-participant="${u2.id}"][data-video-off="true"]`, { timeout: 5000 });
+    }
+    await u2.page.getByRole("button", { name: "Camera on", exact: true }).click();
+    for (const u of [u1, u3]) {
+      await u.page.waitForSelector(`.tile[data-participant="${u2.id}"][data-video-off="false"]`, { timeout: 5000 });
+    }
+    log(`camera off/on of ${u2.name} shown on ${u1.name} and ${u3.name}`);
+
     // Page 3 leaves: pages 1 and 2 drop its tile and keep decoding each other.
     await u3.page.getByRole("button", { name: "Leave", exact: true }).click();
     for (const u of [u1, u2]) {

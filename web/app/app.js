@@ -279,6 +279,7 @@ function startCall(room, name) {
     const rec = tileFor(p.id);
     setTileName(rec, p.name);
     setTileMute(rec, p.audioMuted, p.videoMuted);
+    rec.node.dataset.speaking = String(!!p.speaking);
   });
   client.on("participantleft", ({ participantId }) => removeTile(participantId));
   client.on("track", ({ participantId, track }) => {

@@ -116,7 +116,7 @@ function participantFromWire(p) {
     name: typeof p.name === "string" ? p.name : "",
     audioMuted: !!p.audio_muted,
     videoMuted: !!p.video_muted,
-    speaking: false,
+    speaking: !!p.speaking,
   };
 }
 

@@ -37,6 +37,7 @@ struct Participant {
     name: String,
     audio_muted: bool,
     video_muted: bool,
+    speaking: bool,
     token: String,
     conn: Option<ConnId>,
     disconnected_at: Option<Instant>,
@@ -58,6 +59,7 @@ impl Participant {
             name: self.name.clone(),
             audio_muted: self.audio_muted,
             video_muted: self.video_muted,
+            speaking: self.speaking,
         }
     }
 }
@@ -257,7 +259,9 @@ impl Hub {
                 self.send(pid, ServerMsg::error(ErrorCode::SdpRejected, reason, None))
             }
             MediaEvent::Speaking { speaking, .. } => {
-                if let Some(room) = self.participants.get(&pid).map(|p| p.room.clone()) {
+                if let Some(p) = self.participants.get_mut(&pid) {
+                    p.speaking = speaking;
+                    let room = p.room.clone();
                     let id = wire_id(pid);
                     self.broadcast(&room, None, ServerMsg::Speaking { id, speaking });
                 }
@@ -345,6 +349,7 @@ impl Hub {
             name,
             audio_muted: false,
             video_muted: false,
+            speaking: false,
             token: token.clone(),
             conn: Some(conn),
             disconnected_at: None,

@@ -125,6 +125,7 @@ fn info(id: &str, name: &str) -> ParticipantInfo {
         name: name.into(),
         audio_muted: false,
         video_muted: false,
+        speaking: false,
     }
 }
 
@@ -210,6 +211,7 @@ fn joined_lists_current_mute_state_of_those_present() {
             name: "Ada".into(),
             audio_muted: true,
             video_muted: false,
+            speaking: false,
         }],
         "only the room's own participants, with their mute state"
     );
@@ -1054,4 +1056,25 @@ fn frames_from_unopened_connections_are_ignored() {
     );
     assert!(t.take(ConnId(77)).is_empty());
     assert_eq!(t.hub.participant_count(), 0);
+}
+
+#[test]
+fn a_newcomer_learns_who_is_speaking_already() {
+    let mut h = TestHub::new(None);
+    let (_, ada, _) = h.join("room", "Ada");
+    let session = SessionId(ada.trim_start_matches('p').parse().expect("wire id"));
+    h.media_event(MediaEvent::Speaking {
+        session,
+        speaking: true,
+    });
+    let b = h.open();
+    h.send(b, r#"{"seq":1,"type":"join","room":"room","name":"Bob"}"#);
+    let msgs = h.take_msgs(b);
+    let Some(ServerMsg::Joined { participants, .. }) = msgs.first() else {
+        panic!("no joined: {msgs:?}");
+    };
+    assert!(
+        participants[0].speaking,
+        "Ada is speaking: {participants:?}"
+    );
 }

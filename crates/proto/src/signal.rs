@@ -55,6 +55,9 @@ pub struct ParticipantInfo {
     pub name: String,
     pub audio_muted: bool,
     pub video_muted: bool,
+    /// Speaking right now (later changes come as `speaking` messages).
+    #[serde(default)]
+    pub speaking: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

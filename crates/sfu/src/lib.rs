@@ -347,9 +347,11 @@ impl Sfu {
             }
             if out.connected {
                 // A subscriber that just connected needs a keyframe of every video it receives.
-                let wanted: Vec<_> = self.sessions[&sid]
-                    .tracks_out
-                    .iter()
+                let wanted: Vec<_> = self
+                    .sessions
+                    .get(&sid)
+                    .into_iter()
+                    .flat_map(|s| s.tracks_out.iter())
                     .filter(|t| t.kind == MediaKind::Video)
                     .map(|t| (t.source, t.source_mid))
                     .collect();

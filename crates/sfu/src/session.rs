@@ -373,7 +373,10 @@ impl Session {
                 };
                 if !track.received_any {
                     track.received_any = true;
-                    tracing::debug!(session = %self.id, %mid, kind = ?track.kind, "first packet received");
+                    tracing::debug!(
+                        session = %self.id, %mid, kind = ?track.kind,
+                        audio_level = ?pkt.header.ext_vals.audio_level, "first packet received"
+                    );
                 }
                 let is_audio = track.kind == MediaKind::Audio;
                 if is_audio
