@@ -209,3 +209,15 @@ export async function waitFor(fn, { timeoutMs = 5000, intervalMs = 50, message =
   }
   throw new Error(`timed out after ${timeoutMs} ms waiting for ${message}`);
 }
+
+/** Prints what helps to understand a failure: the browser console and the server log. */
+export function reportFailure(consoleLines, server, lines = 40) {
+  if (consoleLines.length) console.error(consoleLines.slice(-lines).join("\n"));
+  if (server) console.error(server.logTail(lines));
+}
+
+/** Closes the browsers and stops the server, whatever state they are in. */
+export async function closeAll(browsers, server) {
+  for (const b of browsers) if (b) await b.close().catch(() => {});
+  if (server) await server.stop();
+}

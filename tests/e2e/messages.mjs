@@ -3,7 +3,7 @@
 //
 //   node tests/e2e/messages.mjs           (PARLEY_BIN, CHROMIUM override the binaries)
 import { join } from "node:path";
-import { launchChromium, log, repoRoot, runTest, startServer, waitFor } from "./harness.mjs";
+import { launchChromium, log, repoRoot, runTest, startServer, waitFor, reportFailure, closeAll } from "./harness.mjs";
 
 let server = null;
 let browser = null;
@@ -51,11 +51,9 @@ await runTest("messages", {
     log(`after the server died: ${await statusText(first)} (was ${id})`);
   },
   async onFailure() {
-    if (consoleLines.length) console.error(consoleLines.slice(-40).join("\n"));
-    if (server) console.error(server.logTail(40));
+    reportFailure(consoleLines, server, 40);
   },
   async cleanup() {
-    if (browser) await browser.close().catch(() => {});
-    if (server) await server.stop();
+    await closeAll([browser], server);
   },
 });

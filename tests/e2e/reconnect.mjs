@@ -4,7 +4,7 @@
 //
 //   node tests/e2e/reconnect.mjs          (PARLEY_BIN, CHROMIUM override the binaries)
 import { join } from "node:path";
-import { launchChromium, log, repoRoot, runTest, startServer, waitFor } from "./harness.mjs";
+import { launchChromium, log, repoRoot, runTest, startServer, waitFor, reportFailure, closeAll } from "./harness.mjs";
 
 let server = null;
 let browser = null;
@@ -75,11 +75,9 @@ await runTest("reconnect", {
     log("media kept flowing; no rejoin");
   },
   async onFailure() {
-    if (consoleLines.length) console.error(consoleLines.slice(-40).join("\n"));
-    if (server) console.error(server.logTail(60));
+    reportFailure(consoleLines, server, 60);
   },
   async cleanup() {
-    if (browser) await browser.close().catch(() => {});
-    if (server) await server.stop();
+    await closeAll([browser], server);
   },
 });

@@ -6,7 +6,7 @@
 import { writeFileSync, mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { CHROMIUM_ARGS, launchChromium, log, repoRoot, runTest, sleep, startServer } from "./harness.mjs";
+import { CHROMIUM_ARGS, launchChromium, log, repoRoot, runTest, sleep, startServer, reportFailure, closeAll } from "./harness.mjs";
 
 /** A mono 16-bit 48 kHz WAV file: a 440 Hz tone at `amplitude` (0 = silence). */
 function wav(path, amplitude, seconds = 5) {
@@ -64,11 +64,9 @@ await runTest("speaking", {
     log(`Loud never sees Quiet (${quietId}) as speaking`);
   },
   async onFailure() {
-    if (consoleLines.length) console.error(consoleLines.slice(-40).join("\n"));
-    if (server) console.error(server.logTail(40));
+    reportFailure(consoleLines, server, 40);
   },
   async cleanup() {
-    for (const b of browsers) await b.close().catch(() => {});
-    if (server) await server.stop();
+    await closeAll(browsers, server);
   },
 });

@@ -3,7 +3,7 @@
 //
 //   node tests/e2e/tls.mjs                (PARLEY_BIN, CHROMIUM override the binaries)
 import { join } from "node:path";
-import { launchChromium, log, repoRoot, runTest, startServer, waitFor } from "./harness.mjs";
+import { launchChromium, log, repoRoot, runTest, startServer, waitFor, reportFailure, closeAll } from "./harness.mjs";
 
 // The certificate is self-signed by design; only this test's own requests trust it.
 process.env.NODE_TLS_REJECT_UNAUTHORIZED = "0";
@@ -46,11 +46,9 @@ await runTest("tls", {
     log("https page, wss signaling, video decoded both ways");
   },
   async onFailure() {
-    if (consoleLines.length) console.error(consoleLines.slice(-40).join("\n"));
-    if (server) console.error(server.logTail(40));
+    reportFailure(consoleLines, server, 40);
   },
   async cleanup() {
-    if (browser) await browser.close().catch(() => {});
-    if (server) await server.stop();
+    await closeAll([browser], server);
   },
 });

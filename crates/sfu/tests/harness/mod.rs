@@ -158,8 +158,15 @@ impl World {
             None,
         );
         let (offer, pending) = api.apply().expect("changes");
-        p.pending = Some(pending);
         p.video_mids.push(mid);
+        self.offer(idx, offer, pending);
+        mid
+    }
+
+    /// Sends a peer's renegotiation offer to the SFU.
+    fn offer(&mut self, idx: usize, offer: SdpOffer, pending: SdpPendingOffer) {
+        let p = &mut self.peers[idx];
+        p.pending = Some(pending);
         let cmd = MediaCommand::Offer {
             session: p.session,
             room: String::new(),
@@ -167,7 +174,6 @@ impl World {
             sdp: offer.to_sdp_string(),
         };
         self.sfu.handle_command(cmd, self.now);
-        mid
     }
 
     /// The peer moves to a new address (like a network change) and restarts ICE.
@@ -178,16 +184,9 @@ impl World {
         let mut api = p.rtc.sdp_api();
         api.ice_restart(false);
         let (offer, pending) = api.apply().expect("ice restart offer");
-        p.pending = Some(pending);
         // The restart drops the old candidates when the answer arrives; add the new one then.
         p.candidate_after_answer = Some(p.addr);
-        let cmd = MediaCommand::Offer {
-            session: p.session,
-            room: String::new(),
-            stream_id: p.name.clone(),
-            sdp: offer.to_sdp_string(),
-        };
-        self.sfu.handle_command(cmd, self.now);
+        self.offer(idx, offer, pending);
     }
 
     pub fn leave(&mut self, idx: usize) {
