@@ -80,7 +80,8 @@ const users = [];
 await runTest("group_call", {
   timeoutMs: TOTAL_TIMEOUT_MS,
   async body() {
-    server = await startServer();
+    // No --public-ip: the host's own addresses, as with no configuration at all.
+    server = await startServer({ publicIp: null });
     browser = await launchChromium();
     const room = `e2e-${randomBytes(4).toString("hex")}`;
 
