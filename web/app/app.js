@@ -11,6 +11,8 @@ import {
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const NAME_KEY = "parley.name";
+// Size changes of the shown videos are reported this long after they settle.
+const VIEW_DEBOUNCE_MS = 200;
 
 /** Exposed for tests and debugging: `window.parley.client` is the SDK client once created. */
 const state = {
@@ -19,6 +21,10 @@ const state = {
   room: null,
   joinStartedAt: null,
   mediaError: null,
+  /** The participant id of the dominant speaker, or null. */
+  dominant: null,
+  /** The last `view` reported: [{id, source, width, height}]. */
+  view: [],
 };
 window.parley = state;
 
@@ -151,7 +157,10 @@ function showLobby(room) {
 // ---- tiles ------------------------------------------------------------------------------------
 
 const grid = $("grid");
+const stage = $("stage");
 const tiles = new Map(); // participant id (or "local" before joined) → tile record
+const screens = new Map(); // participant id → screen-share tile record
+const pausedVideos = new Set(); // "<participant id>/<source>" whose video Parley paused
 
 function updateGridCount() {
   const n = grid.children.length;
@@ -174,11 +183,16 @@ function createTile(key, { name = "", local = false } = {}) {
     rec.video.muted = true;
   }
   node.dataset.participant = local ? "" : key;
+  node.dataset.dominant = String(!local && key === state.dominant);
   setTileName(rec, name);
   grid.append(node);
   tiles.set(key, rec);
   updateGridCount();
   updateVideoOff(rec);
+  if (!local) {
+    setTilePaused(rec, pausedVideos.has(`${key}/camera`));
+    observeTile(node);
+  }
   return rec;
 }
 
@@ -196,10 +210,12 @@ function tileFor(id) {
 function removeTile(id) {
   const rec = tiles.get(id);
   if (!rec) return;
+  unobserveTile(rec.node);
   rec.video.srcObject = null;
   rec.node.remove();
   tiles.delete(id);
   updateGridCount();
+  scheduleView();
 }
 
 function setTileMute(rec, audio, video) {
@@ -213,6 +229,185 @@ function updateVideoOff(rec) {
   const hasVideo = rec.stream.getVideoTracks().length > 0;
   const off = rec.node.dataset.videoMuted === "true" || !hasVideo;
   rec.node.dataset.videoOff = String(off);
+  if (!rec.local) scheduleView();
+}
+
+function setTilePaused(rec, paused) {
+  rec.node.dataset.videoPaused = String(!!paused);
+  rec.node.querySelector(".paused-label").hidden = !paused;
+}
+
+function setDominant(id) {
+  state.dominant = id;
+  for (const [key, rec] of tiles) rec.node.dataset.dominant = String(id !== null && key === id);
+}
+
+// ---- screen-share tiles: large, on the stage above the grid ------------------------------------
+
+function participantName(id) {
+  const p = state.client && state.client.participants.get(id);
+  return (p && p.name) || "Guest";
+}
+
+function createScreenTile(id) {
+  const node = $("tile-template").content.firstElementChild.cloneNode(true);
+  node.classList.add("screen");
+  node.dataset.source = "screen";
+  node.dataset.participant = id;
+  node.querySelector(".mic-off").remove();
+  const rec = { node, video: node.querySelector("video"), stream: new MediaStream(), local: false, track: null, shown: false, onMute: null };
+  // Screen shares carry no sound of their own; the participant's microphone plays in their tile.
+  rec.video.muted = true;
+  setScreenName(rec, participantName(id));
+  setTilePaused(rec, pausedVideos.has(`${id}/screen`));
+  stage.append(node);
+  screens.set(id, rec);
+  observeTile(node);
+  return rec;
+}
+
+function setScreenName(rec, name) {
+  const label = `${name || "Guest"} (screen)`;
+  rec.node.querySelector(".name").textContent = label;
+  rec.node.querySelector(".avatar").textContent = [...(name || "Guest").trim()][0]?.toUpperCase() || "?";
+  rec.node.setAttribute("aria-label", label);
+}
+
+function setScreenTrack(id, track) {
+  const rec = screens.get(id) || createScreenTile(id);
+  if (rec.track && rec.track !== track) {
+    rec.track.removeEventListener("mute", rec.onMute);
+    rec.track.removeEventListener("unmute", rec.onMute);
+    rec.stream.removeTrack(rec.track);
+  }
+  if (rec.track !== track) {
+    rec.track = track;
+    rec.shown = false;
+    rec.onMute = () => updateScreenTile(rec);
+    track.addEventListener("mute", rec.onMute);
+    track.addEventListener("unmute", rec.onMute);
+    rec.stream.addTrack(track);
+  }
+  updateScreenTile(rec);
+  playTile(rec);
+}
+
+/**
+ * A screen tile shows from its track's arrival (so that it is in the `view` and Parley sends
+ * it); once frames have flowed, a muted track hides it until it unmutes.
+ */
+function updateScreenTile(rec) {
+  const t = rec.track;
+  if (t && !t.muted) rec.shown = true;
+  rec.node.hidden = !!(t && t.muted && rec.shown);
+  rec.node.dataset.videoOff = String(!t || t.muted);
+  updateStage();
+  scheduleView();
+}
+
+function removeScreenTile(id) {
+  const rec = screens.get(id);
+  if (!rec) return;
+  if (rec.track) {
+    rec.track.removeEventListener("mute", rec.onMute);
+    rec.track.removeEventListener("unmute", rec.onMute);
+  }
+  unobserveTile(rec.node);
+  rec.video.srcObject = null;
+  rec.node.remove();
+  screens.delete(id);
+  updateStage();
+  scheduleView();
+}
+
+function updateStage() {
+  const any = [...screens.values()].some((r) => !r.node.hidden);
+  stage.hidden = !any;
+  stage.dataset.count = String([...screens.values()].filter((r) => !r.node.hidden).length);
+  $("call").dataset.screen = String(any);
+}
+
+// ---- view reports: which remote videos are shown, and how big (Parley picks layers from it) ----
+
+const intersecting = new WeakMap(); // tile node → last IntersectionObserver verdict
+const lastSize = new WeakMap(); // tile node → last measured {width, height} in device pixels
+let viewTimer = 0;
+let viewJson = "[]"; // the last view reported (nothing is reported while no tile is shown)
+const resizeObserver = typeof ResizeObserver === "function" ? new ResizeObserver(() => scheduleView()) : null;
+const intersectionObserver =
+  typeof IntersectionObserver === "function"
+    ? new IntersectionObserver((entries) => {
+        for (const e of entries) intersecting.set(e.target, e.isIntersecting);
+        scheduleView();
+      })
+    : null;
+document.addEventListener("visibilitychange", () => scheduleView());
+
+function observeTile(node) {
+  resizeObserver?.observe(node);
+  intersectionObserver?.observe(node);
+}
+
+function unobserveTile(node) {
+  resizeObserver?.unobserve(node);
+  intersectionObserver?.unobserve(node);
+}
+
+/** The remote videos on screen now: [{id, source, width, height}], sizes in device pixels. */
+function currentView() {
+  if (document.visibilityState === "hidden" || $("call").hidden) return [];
+  const dpr = window.devicePixelRatio || 1;
+  const view = [];
+  const add = (id, source, rec) => {
+    const node = rec.node;
+    let size = null;
+    if (node.isConnected && !node.hidden && node.clientWidth > 0 && node.clientHeight > 0) {
+      if (intersecting.get(node) === false) return; // scrolled out of sight
+      size = { width: Math.round(node.clientWidth * dpr), height: Math.round(node.clientHeight * dpr) };
+      lastSize.set(node, size);
+    } else if (source === "screen" && rec.track && rec.shown) {
+      // Hidden only because its track is muted: keep asking for it at its last size.
+      size = lastSize.get(node) || null;
+    }
+    if (size) view.push({ id, source, ...size });
+  };
+  for (const [id, rec] of tiles) {
+    if (rec.local || rec.node.dataset.videoMuted === "true") continue;
+    add(id, "camera", rec);
+  }
+  for (const [id, rec] of screens) add(id, "screen", rec);
+  view.sort((a, b) => (a.id === b.id ? a.source.localeCompare(b.source) : a.id < b.id ? -1 : 1));
+  return view;
+}
+
+const viewKeys = (view) => view.map((t) => `${t.id}/${t.source}`).join(",");
+
+/**
+ * Reports the view to the SDK: at once when a video appears or goes, VIEW_DEBOUNCE_MS after
+ * the last size change otherwise, and only when it changed.
+ */
+function scheduleView() {
+  const client = state.client;
+  if (!client || client.connectionState === "closed" || client.connectionState === "failed") return;
+  if (viewKeys(currentView()) !== viewKeys(state.view)) {
+    flushView();
+    return;
+  }
+  clearTimeout(viewTimer);
+  viewTimer = setTimeout(flushView, VIEW_DEBOUNCE_MS);
+}
+
+function flushView() {
+  clearTimeout(viewTimer);
+  viewTimer = 0;
+  const client = state.client;
+  if (!client || client.connectionState === "closed" || client.connectionState === "failed") return;
+  const view = currentView();
+  const json = JSON.stringify(view);
+  state.view = view;
+  if (json === viewJson) return;
+  viewJson = json;
+  client.setView(view);
 }
 
 function playTile(rec) {
@@ -280,17 +475,33 @@ function startCall(room, name) {
     setTileName(rec, p.name);
     setTileMute(rec, p.audioMuted, p.videoMuted);
     rec.node.dataset.speaking = String(!!p.speaking);
+    const screen = screens.get(p.id);
+    if (screen) setScreenName(screen, p.name);
   });
-  client.on("participantleft", ({ participantId }) => removeTile(participantId));
-  client.on("track", ({ participantId, track }) => {
+  client.on("participantleft", ({ participantId }) => {
+    removeScreenTile(participantId);
+    removeTile(participantId);
+    pausedVideos.delete(`${participantId}/camera`);
+    pausedVideos.delete(`${participantId}/screen`);
+    if (state.dominant === participantId) setDominant(null);
+  });
+  client.on("track", ({ participantId, source, track }) => {
     if (!participantId) return;
+    if (source === "screen") {
+      if (track.kind === "video") setScreenTrack(participantId, track);
+      return;
+    }
     const rec = tileFor(participantId);
     for (const t of rec.stream.getTracks()) if (t.kind === track.kind && t !== track) rec.stream.removeTrack(t);
     if (!rec.stream.getTracks().includes(track)) rec.stream.addTrack(track);
     updateVideoOff(rec);
     playTile(rec);
   });
-  client.on("trackremoved", ({ participantId, track }) => {
+  client.on("trackremoved", ({ participantId, source, track }) => {
+    if (source === "screen") {
+      if (screens.get(participantId)?.track === track) removeScreenTile(participantId);
+      return;
+    }
     const rec = tiles.get(participantId);
     if (!rec) return;
     rec.stream.removeTrack(track);
@@ -303,6 +514,19 @@ function startCall(room, name) {
   client.on("speaking", ({ participantId, speaking }) => {
     const rec = tiles.get(participantId);
     if (rec) rec.node.dataset.speaking = String(speaking);
+  });
+  client.on("dominantspeaker", ({ participantId }) => setDominant(participantId));
+  client.on("videopaused", ({ participantId, source, paused }) => {
+    const key = `${participantId}/${source}`;
+    if (paused) pausedVideos.add(key);
+    else pausedVideos.delete(key);
+    const rec = source === "screen" ? screens.get(participantId) : tiles.get(participantId);
+    if (rec && !rec.local) setTilePaused(rec, paused);
+  });
+  client.on("screensharechange", ({ active }) => {
+    const btn = $("screen");
+    btn.querySelector(".label").textContent = active ? "Stop sharing" : "Share screen";
+    btn.classList.toggle("active", active);
   });
   client.on("localmute", ({ audio, video }) => {
     setTileMute(local, audio, video);
@@ -317,11 +541,31 @@ function startCall(room, name) {
   $("mute").onclick = () => client.setMuted({ audio: !client.muted.audio });
   $("camera").onclick = () => client.setMuted({ video: !client.muted.video });
   $("leave").onclick = () => leaveCall();
+  const screenBtn = $("screen");
+  screenBtn.hidden = !(navigator.mediaDevices && navigator.mediaDevices.getDisplayMedia);
+  screenBtn.onclick = async () => {
+    if (client.screenTrack) {
+      client.stopScreenShare().catch((err) => console.warn("stopScreenShare", err));
+      return;
+    }
+    screenBtn.disabled = true;
+    try {
+      await client.startScreenShare();
+      clearStatus("screen");
+    } catch (err) {
+      const denied = err && err.code === "screen_share_denied";
+      setStatus("screen", (err && err.message) || ERROR_MESSAGES.screen_share_failed, denied ? "info" : "warn");
+      setTimeout(() => clearStatus("screen"), 4000);
+    } finally {
+      screenBtn.disabled = false;
+    }
+  };
 
   client.join().then(
     () => clearStatus("server"),
     (err) => {
       setStatus("server", err.code === "room_full" ? "This room is full." : err.message, "error");
+      for (const id of [...screens.keys()]) removeScreenTile(id);
       for (const id of [...tiles.keys()]) removeTile(id);
       show("left");
       $("left").querySelector("h1").textContent = err.code === "room_full" ? "This room is full" : "Could not join";
@@ -339,8 +583,9 @@ function leaveCall() {
   const client = state.client;
   if (client) client.leave();
   if (state.localStream) for (const t of state.localStream.getTracks()) t.stop();
+  for (const id of [...screens.keys()]) removeScreenTile(id);
   for (const id of [...tiles.keys()]) removeTile(id);
-  for (const key of ["conn", "media-conn", "negotiation"]) clearStatus(key);
+  for (const key of ["conn", "media-conn", "negotiation", "screen"]) clearStatus(key);
   show("left");
 }
 
@@ -370,6 +615,10 @@ function main() {
     return;
   }
   state.room = room;
+  // Test hook: ?tile=small|large gives remote tiles a fixed size (160×90 or 1280×720 CSS px),
+  // so that simulcast layer choice can be checked.
+  const tileSize = params.get("tile");
+  if (tileSize === "small" || tileSize === "large") document.body.classList.add(`tiles-${tileSize}`);
   document.title = `${room} · Parley`;
   $("room-label").textContent = room;
   $("copy-link").hidden = false;

@@ -14,6 +14,21 @@ const DEAD_AFTER_MS = 15000;
 const DISCONNECTED_RESTART_MS = 3000;
 // Errors that refuse a join: retrying the same join cannot succeed.
 const FATAL_JOIN_ERRORS = new Set(["invalid_room", "invalid_name", "room_full", "already_joined"]);
+// The subscriber's stream id of a screen share is `<participant id>.screen` (docs/protocol.md).
+const SCREEN_SUFFIX = ".screen";
+const SCREEN_MAX_BITRATE = 2_500_000;
+// How many `view` sequence numbers to remember for matching `error` replies.
+const VIEW_SEQS_KEPT = 64;
+
+/**
+ * The camera's simulcast encodings, low to high (docs/protocol.md, "Media and negotiation"):
+ * Parley forwards one of them to each subscriber, by tile size and bandwidth.
+ */
+export const CAMERA_ENCODINGS = Object.freeze([
+  Object.freeze({ rid: "q", scaleResolutionDownBy: 4, maxBitrate: 150_000 }),
+  Object.freeze({ rid: "h", scaleResolutionDownBy: 2, maxBitrate: 500_000 }),
+  Object.freeze({ rid: "f", maxBitrate: 1_500_000 }),
+]);
 
 /** Human-readable texts for error codes, for UIs that have nothing better to say. */
 export const ERROR_MESSAGES = Object.freeze({
@@ -30,6 +45,9 @@ export const ERROR_MESSAGES = Object.freeze({
   rate_limited: "Too many messages; the connection was closed.",
   sdp_rejected: "The server refused the media description.",
   negotiation_failed: "Setting up the media connection failed.",
+  screen_share_denied: "Screen sharing was cancelled or not allowed.",
+  screen_share_unsupported: "This browser cannot share the screen.",
+  screen_share_failed: "Could not start screen sharing.",
 });
 
 /** An error with a machine-readable `code` (a protocol error code or a media error code). */
@@ -110,6 +128,35 @@ export async function getLocalMedia({ audio = true, video = true } = {}) {
   throw mediaError(first);
 }
 
+function screenShareError(err) {
+  switch (err && err.name) {
+    case "NotAllowedError":
+    case "SecurityError":
+    case "AbortError":
+      return new ParleyError("screen_share_denied");
+    case "NotSupportedError":
+      return new ParleyError("screen_share_unsupported");
+    default: {
+      const e = new ParleyError("screen_share_failed", `${ERROR_MESSAGES.screen_share_failed} (${err && (err.message || err.name)})`);
+      e.cause = err;
+      return e;
+    }
+  }
+}
+
+/** Splits a remote stream id into participant id and source (`<id>.screen` is a screen share). */
+function sourceOfStream(streamId, kind) {
+  if (typeof streamId === "string" && streamId.length > SCREEN_SUFFIX.length && streamId.endsWith(SCREEN_SUFFIX)) {
+    return { participantId: streamId.slice(0, -SCREEN_SUFFIX.length), source: "screen" };
+  }
+  return { participantId: streamId, source: kind === "audio" ? "mic" : "camera" };
+}
+
+function viewTileFromApp(t) {
+  const size = (v) => Math.max(0, Math.round(Number(v) || 0));
+  return { id: String(t.id), source: t.source === "screen" ? "screen" : "camera", width: size(t.width), height: size(t.height) };
+}
+
 function participantFromWire(p) {
   return {
     id: String(p.id),
@@ -130,8 +177,9 @@ function defaultUrl() {
  * acknowledgements, resume and reconnection) and one RTCPeerConnection.
  *
  * Events (CustomEvent, payload in `event.detail`; `client.on(name, fn)` passes the detail):
- * connectionstatechange, joined, participantjoined, participantleft, mute, speaking, track,
- * trackremoved, mediastatechange, peerconnection, error, left.
+ * connectionstatechange, joined, participantjoined, participantleft, mute, speaking,
+ * dominantspeaker, videopaused, layers, track, trackremoved, screensharechange,
+ * mediastatechange, peerconnection, error, left.
  */
 export class ParleyClient extends EventTarget {
   /**
@@ -161,7 +209,7 @@ export class ParleyClient extends EventTarget {
     this.session = null;
     /** Remote participants: id → {id, name, audioMuted, videoMuted, speaking}. */
     this.participants = new Map();
-    /** Remote tracks: track id → {participantId, track, stream, mid}. */
+    /** Remote tracks: track id → {participantId, source, track, stream, mid}. */
     this.remoteTracks = new Map();
     /** "new" | "connecting" | "connected" | "reconnecting" | "failed" | "closed" */
     this.connectionState = "new";
@@ -169,6 +217,10 @@ export class ParleyClient extends EventTarget {
     this.mediaState = "new";
     /** Own mute state (true = muted). */
     this.muted = { audio: false, video: false };
+    /** The participant id of the dominant speaker (from `dominant_speaker`), or null. */
+    this.dominantSpeaker = null;
+    /** The screen-share track being sent, or null. */
+    this.screenTrack = null;
 
     this._minDelay = reconnectMinMs ?? RECONNECT_MIN_MS;
     this._maxDelay = reconnectMaxMs ?? RECONNECT_MAX_MS;
@@ -190,6 +242,18 @@ export class ParleyClient extends EventTarget {
     this._needOffer = false;
     this._sessionOffered = false;
     this._transceivers = { audio: null, video: null };
+    // Every transceiver ever used for a screen share on this PeerConnection (a stopped share
+    // leaves its transceiver inactive; a new share gets a new one). Their mids go in `tracks`.
+    this._screenTransceivers = [];
+    this._layers = new Map(); // mid → rids Parley asked for (`layers`)
+    this._layerChain = Promise.resolve();
+    this._view = null; // the last tiles passed to setView(), normalized
+    this._viewSent = null; // JSON of the last `view` sent in this session
+    this._viewSeqs = []; // seqs of the `view` messages sent, to recognize error replies
+    this._viewUnsupported = false; // the server answered `unknown_type` to `view`
+    this._onScreenEnded = (ev) => {
+      if (ev.target === this.screenTrack) this.stopScreenShare().catch((err) => console.warn("parley: stopScreenShare", err));
+    };
     this._onOnline = () => {
       if (!this._ws && !this._closed && this.connectionState === "reconnecting") this._connect();
     };
@@ -255,12 +319,80 @@ export class ParleyClient extends EventTarget {
     this._emit("localmute", { ...this.muted });
   }
 
+  /**
+   * Tells Parley which remote videos are shown and how big: `tiles` is a list of
+   * `{id, source, width, height}` (participant id, "camera" or "screen", size in device pixels).
+   * Videos not listed are not sent. Sent only when it changed; re-sent after a fresh join.
+   */
+  setView(tiles) {
+    this._view = (Array.isArray(tiles) ? tiles : []).filter((t) => t && t.id != null).map(viewTileFromApp);
+    this._sendView();
+  }
+
+  /**
+   * Starts sharing the screen: asks the browser for a screen (`getDisplayMedia`) unless a
+   * `track` is given, and sends it on a new video transceiver (stream `<id>.screen` for the
+   * others). Resolves with the track; rejects with a ParleyError (`screen_share_denied`,
+   * `screen_share_unsupported`, `screen_share_failed`). Sharing stops with stopScreenShare() or
+   * when the track ends (the browser's own "Stop sharing").
+   */
+  async startScreenShare({ track = null, constraints = { video: true } } = {}) {
+    if (this._closed) throw new ParleyError("closed", "This client has left; create a new one.");
+    let t = track;
+    if (!t) {
+      const md = globalThis.navigator && navigator.mediaDevices;
+      if (!md || !md.getDisplayMedia) throw new ParleyError("screen_share_unsupported");
+      let stream;
+      try {
+        stream = await md.getDisplayMedia(constraints);
+      } catch (err) {
+        throw screenShareError(err);
+      }
+      t = stream.getVideoTracks()[0] || null;
+      for (const other of stream.getTracks()) if (other !== t) other.stop();
+      if (!t) throw new ParleyError("screen_share_failed");
+    }
+    if (this._closed) {
+      t.stop();
+      throw new ParleyError("closed", "This client has left; create a new one.");
+    }
+    const old = this.screenTrack;
+    if (old === t) return t;
+    if (old) {
+      old.removeEventListener("ended", this._onScreenEnded);
+      old.stop();
+    }
+    if ("contentHint" in t && !t.contentHint) t.contentHint = "detail";
+    this.screenTrack = t;
+    t.addEventListener("ended", this._onScreenEnded);
+    if (this.pc) await this._applyScreenTrack();
+    this._emit("screensharechange", { active: true, track: t });
+    return t;
+  }
+
+  /** Stops sharing the screen (stops the track; the transceiver becomes inactive). */
+  async stopScreenShare() {
+    const t = this.screenTrack;
+    if (!t) return;
+    this.screenTrack = null;
+    t.removeEventListener("ended", this._onScreenEnded);
+    t.stop();
+    if (this.pc) await this._applyScreenTrack();
+    this._emit("screensharechange", { active: false, track: null });
+  }
+
   /** Leaves the room: sends `leave`, closes the PeerConnection and the WebSocket. */
   leave() {
     if (this._closed) return;
     if (this._ws && this._live && this.participantId) this._sendReliable({ type: "leave" });
     this._closed = true;
     this._stopTimers();
+    const screen = this.screenTrack;
+    if (screen) {
+      this.screenTrack = null;
+      screen.removeEventListener("ended", this._onScreenEnded);
+      screen.stop();
+    }
     if (typeof window !== "undefined") window.removeEventListener("online", this._onOnline);
     const ws = this._ws;
     this._ws = null;
@@ -275,6 +407,7 @@ export class ParleyClient extends EventTarget {
     this._forgetParticipants();
     this._rejectJoin(new ParleyError("closed", "Left the room."));
     this._setState("closed");
+    if (screen) this._emit("screensharechange", { active: false, track: null });
     this._emit("left", {});
   }
 
@@ -379,6 +512,8 @@ export class ParleyClient extends EventTarget {
     this._lastIn = 0;
     this._ackSent = 0;
     this._unacked = [];
+    this._viewSeqs = [];
+    this._viewSent = null;
     this._live = true;
     if (hadSession) {
       // The old session's negotiation state is meaningless to the new one.
@@ -502,6 +637,23 @@ export class ParleyClient extends EventTarget {
         this._emit("speaking", { participantId: id, speaking: !!msg.speaking, local: id === this.participantId });
         return;
       }
+      case "dominant_speaker": {
+        const id = msg.id == null ? null : String(msg.id);
+        this.dominantSpeaker = id;
+        this._emit("dominantspeaker", { participantId: id, local: id !== null && id === this.participantId });
+        return;
+      }
+      case "video_paused":
+        if (msg.id == null) return;
+        this._emit("videopaused", {
+          participantId: String(msg.id),
+          source: msg.source === "screen" ? "screen" : "camera",
+          paused: !!msg.paused,
+          reason: typeof msg.reason === "string" ? msg.reason : null,
+        });
+        return;
+      case "layers":
+        return this._onLayers(msg);
       case "error":
         return this._onServerError(msg);
       case "ack":
@@ -532,7 +684,19 @@ export class ParleyClient extends EventTarget {
     if (this.muted.audio || this.muted.video) {
       this._sendReliable({ type: "mute", audio: this.muted.audio, video: this.muted.video });
     }
+    this._viewSent = null;
+    this._viewUnsupported = false;
+    this._sendView();
     if (!this._sessionOffered) this._negotiate();
+  }
+
+  _sendView() {
+    if (!this._view || !this.participantId || this._closed || this._viewUnsupported) return;
+    const json = JSON.stringify(this._view);
+    if (json === this._viewSent) return;
+    this._viewSent = json;
+    this._viewSeqs.push(this._sendReliable({ type: "view", tiles: this._view.map((t) => ({ ...t })) }));
+    if (this._viewSeqs.length > VIEW_SEQS_KEPT) this._viewSeqs.shift();
   }
 
   _onServerError(msg) {
@@ -543,6 +707,13 @@ export class ParleyClient extends EventTarget {
       serverMessage: msg.message || "",
       inReplyTo: msg.in_reply_to ?? null,
     };
+    if (detail.inReplyTo !== null && this._viewSeqs.includes(detail.inReplyTo)) {
+      // A `view` is advice; a server that does not know it (older Parley) still works. Not an
+      // error for the user.
+      if (code === "unknown_type") this._viewUnsupported = true;
+      console.debug("parley: view refused:", code, detail.serverMessage);
+      return;
+    }
     const refusesJoin =
       !this.participantId &&
       (FATAL_JOIN_ERRORS.has(code) || (detail.inReplyTo !== null && detail.inReplyTo === this._joinSeq));
@@ -605,6 +776,7 @@ export class ParleyClient extends EventTarget {
     }
     const p = this.participants.get(id);
     this.participants.delete(id);
+    if (this.dominantSpeaker === id) this.dominantSpeaker = null;
     this._emit("participantleft", { participantId: id, name: p ? p.name : "" });
   }
 
@@ -629,14 +801,20 @@ export class ParleyClient extends EventTarget {
     this._sdpChain = Promise.resolve();
     this._makingOffer = false;
     this._offerQueued = false;
+    this._layers = new Map();
+    this._screenTransceivers = [];
     const sendStream = this.localStream || new MediaStream();
     const track = (kind) => (this.localStream ? this.localStream.getTracks().find((t) => t.kind === kind) : null);
     for (const kind of ["audio", "video"]) {
       const t = track(kind);
       // Without a stream yet (media still starting), offer both kinds and swap tracks in later.
       const direction = t || !this.localStream ? "sendonly" : "inactive";
-      this._transceivers[kind] = pc.addTransceiver(t || kind, { direction, streams: [sendStream] });
+      const init = { direction, streams: [sendStream] };
+      // The camera publishes simulcast; the encodings stay when a track is swapped in later.
+      if (kind === "video") init.sendEncodings = CAMERA_ENCODINGS.map((e) => ({ ...e }));
+      this._transceivers[kind] = pc.addTransceiver(t || kind, init);
     }
+    if (this.screenTrack && this.screenTrack.readyState === "live") this._addScreenTransceiver(pc, this.screenTrack);
     this._applyMuteToTracks();
 
     pc.onnegotiationneeded = () => {
@@ -692,6 +870,79 @@ export class ParleyClient extends EventTarget {
     }
   }
 
+  _addScreenTransceiver(pc, t) {
+    const tx = pc.addTransceiver(t, {
+      direction: "sendonly",
+      streams: [new MediaStream([t])],
+      sendEncodings: [{ maxBitrate: SCREEN_MAX_BITRATE }],
+    });
+    this._screenTransceivers.push(tx);
+    return tx;
+  }
+
+  /** Sends `screenTrack` on a new transceiver, or makes the sharing transceiver inactive. */
+  async _applyScreenTrack() {
+    const pc = this.pc;
+    if (!pc || pc.signalingState === "closed") return;
+    const t = this.screenTrack;
+    const current = this._screenTransceivers.find((tx) => !tx.stopped && tx.direction !== "inactive") || null;
+    if (t) {
+      if (current) {
+        if (current.sender.track !== t) await current.sender.replaceTrack(t);
+      } else {
+        this._addScreenTransceiver(pc, t); // negotiationneeded follows
+      }
+      return;
+    }
+    if (!current) return;
+    current.direction = "inactive"; // negotiationneeded follows
+    await current.sender.replaceTrack(null);
+  }
+
+  /** The offer's `tracks`: mids of the transceivers that are not the microphone or the camera. */
+  _trackSources() {
+    const tracks = {};
+    for (const tx of this._screenTransceivers) if (tx.mid != null) tracks[tx.mid] = "screen";
+    return tracks;
+  }
+
+  _onLayers(msg) {
+    if (msg.mid == null || !Array.isArray(msg.active)) return;
+    const mid = String(msg.mid);
+    const active = msg.active.map(String);
+    this._layers.set(mid, active);
+    this._emit("layers", { mid, active: [...active] });
+    const pc = this.pc;
+    // One setParameters at a time; a failed one (e.g. during a negotiation) is retried once
+    // the SDP steps have settled.
+    this._layerChain = this._layerChain
+      .then(() => this._applyLayers(pc, mid))
+      .catch(async () => {
+        await this._sdpChain;
+        await this._applyLayers(pc, mid);
+      })
+      .catch((err) => console.warn("parley: applying layers for mid", mid, err));
+  }
+
+  async _applyLayers(pc, mid) {
+    if (!pc || pc !== this.pc || pc.signalingState === "closed") return;
+    const active = this._layers.get(mid);
+    const tx = pc.getTransceivers().find((t) => t.mid === mid);
+    if (!active || !tx || !tx.sender) return;
+    const params = tx.sender.getParameters();
+    if (!params.encodings || !params.encodings.length) return;
+    let changed = false;
+    for (const enc of params.encodings) {
+      if (!enc.rid) continue;
+      const on = active.includes(enc.rid);
+      if (enc.active !== on) {
+        enc.active = on;
+        changed = true;
+      }
+    }
+    if (changed) await tx.sender.setParameters(params);
+  }
+
   _applyMuteToTracks() {
     if (!this.localStream) return;
     for (const t of this.localStream.getAudioTracks()) t.enabled = !this.muted.audio;
@@ -729,7 +980,7 @@ export class ParleyClient extends EventTarget {
         // The offer prepared while connecting.
         this._needOffer = false;
         this._sessionOffered = true;
-        this._sendReliable({ type: "offer", sdp: pc.localDescription.sdp });
+        this._sendReliable({ type: "offer", sdp: pc.localDescription.sdp, tracks: this._trackSources() });
         return;
       }
       if (pc.signalingState !== "stable") {
@@ -745,7 +996,7 @@ export class ParleyClient extends EventTarget {
       }
       if (pc !== this.pc || !pc.localDescription || pc.localDescription.type !== "offer") return;
       this._sessionOffered = true;
-      this._sendReliable({ type: "offer", sdp: pc.localDescription.sdp });
+      this._sendReliable({ type: "offer", sdp: pc.localDescription.sdp, tracks: this._trackSources() });
     });
   }
 
@@ -777,15 +1028,15 @@ export class ParleyClient extends EventTarget {
   _onTrack(ev) {
     const track = ev.track;
     const stream = ev.streams && ev.streams[0];
-    const participantId = stream ? stream.id : null;
+    const { participantId, source } = sourceOfStream(stream ? stream.id : null, track.kind);
     const old = this.remoteTracks.get(track.id);
     if (old) {
       // The server reused this m-line for another track/participant.
-      if (old.participantId === participantId && old.stream === stream) return;
+      if (old.participantId === participantId && old.source === source && old.stream === stream) return;
       this.remoteTracks.delete(track.id);
       this._emit("trackremoved", { ...old });
     }
-    const info = { participantId, track, stream: stream || null, mid: ev.transceiver ? ev.transceiver.mid : null };
+    const info = { participantId, source, track, stream: stream || null, mid: ev.transceiver ? ev.transceiver.mid : null };
     this.remoteTracks.set(track.id, info);
     const removed = () => {
       if (this.remoteTracks.get(track.id) !== info) return;

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use parley_proto::media::{MediaCommand, MediaEvent, SessionId};
+use parley_proto::media::{MediaCommand, MediaEvent, SessionId, TileView, TrackSource};
 use parley_proto::signal::{
     ClientFrame, ClientMsg, ErrorCode, FrameError, ParticipantInfo, ServerFrame, ServerMsg,
     validate_display_name, validate_room_name,
@@ -69,6 +69,10 @@ const MAX_UNACKED: usize = 4096;
 
 fn wire_id(id: u64) -> String {
     format!("p{id}")
+}
+
+fn parse_wire_id(id: &str) -> Option<u64> {
+    id.strip_prefix('p')?.parse().ok()
 }
 
 pub struct Hub {
@@ -185,13 +189,39 @@ impl Hub {
         let sent_before = self.out.len();
         match frame.msg {
             ClientMsg::Join { room, name } => self.join(conn, joined, room, name, frame.seq, now),
-            ClientMsg::Offer { sdp } => {
+            ClientMsg::Offer { sdp, tracks } => {
                 if let Some(p) = self.joined(conn, joined, frame.seq) {
                     let cmd = MediaCommand::Offer {
                         session: SessionId(p.id),
                         room: p.room.clone(),
                         stream_id: p.wire_id(),
                         sdp,
+                        screen_mids: tracks
+                            .into_iter()
+                            .filter(|(_, s)| *s == TrackSource::Screen)
+                            .map(|(mid, _)| mid)
+                            .collect(),
+                    };
+                    self.out.push(Output::Media(cmd));
+                }
+            }
+            ClientMsg::View { tiles } => {
+                if let Some(p) = self.joined(conn, joined, frame.seq) {
+                    // Tiles of unknown participants are ignored: they may have just left.
+                    let tiles = tiles
+                        .iter()
+                        .filter_map(|t| {
+                            Some(TileView {
+                                publisher: SessionId(parse_wire_id(&t.id)?),
+                                source: t.source,
+                                width: t.width,
+                                height: t.height,
+                            })
+                        })
+                        .collect();
+                    let cmd = MediaCommand::View {
+                        session: SessionId(p.id),
+                        tiles,
                     };
                     self.out.push(Output::Media(cmd));
                 }
@@ -265,6 +295,29 @@ impl Hub {
                     let id = wire_id(pid);
                     self.broadcast(&room, None, ServerMsg::Speaking { id, speaking });
                 }
+            }
+            MediaEvent::DominantSpeaker { .. } => {
+                if let Some(room) = self.participants.get(&pid).map(|p| p.room.clone()) {
+                    let id = wire_id(pid);
+                    self.broadcast(&room, None, ServerMsg::DominantSpeaker { id });
+                }
+            }
+            MediaEvent::Layers { mid, active, .. } => {
+                self.send(pid, ServerMsg::Layers { mid, active });
+            }
+            MediaEvent::VideoPaused {
+                publisher,
+                source,
+                paused,
+                ..
+            } => {
+                let msg = ServerMsg::VideoPaused {
+                    id: wire_id(publisher.0),
+                    source,
+                    paused,
+                    reason: "bandwidth".into(),
+                };
+                self.send(pid, msg);
             }
             MediaEvent::Connected { .. } => {
                 tracing::info!(participant = %wire_id(pid), "media connected");

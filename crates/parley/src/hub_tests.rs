@@ -425,6 +425,7 @@ fn offer_and_answer_go_to_the_media_plane() {
                 room: "demo".into(),
                 stream_id: "p2".into(),
                 sdp: "v=0 offer".into(),
+                screen_mids: vec![],
             },
             MediaCommand::Answer {
                 session: SessionId(2),
@@ -1076,5 +1077,86 @@ fn a_newcomer_learns_who_is_speaking_already() {
     assert!(
         participants[0].speaking,
         "Ada is speaking: {participants:?}"
+    );
+}
+
+#[test]
+fn screen_tracks_and_views_reach_the_media_plane() {
+    let mut t = TestHub::new(None);
+    let (a, _, _) = t.join("demo", "Ada");
+    let (b, _, _) = t.join("demo", "Bob");
+    t.take_media();
+    t.send(
+        b,
+        r#"{"seq":2,"type":"offer","sdp":"v=0","tracks":{"2":"screen","0":"mic"}}"#,
+    );
+    t.send(
+        a,
+        r#"{"seq":2,"type":"view","tiles":[{"id":"p2","source":"screen","width":1280,"height":720},{"id":"nobody","width":1,"height":1}]}"#,
+    );
+    assert_eq!(
+        t.take_media(),
+        vec![
+            MediaCommand::Offer {
+                session: SessionId(2),
+                room: "demo".into(),
+                stream_id: "p2".into(),
+                sdp: "v=0".into(),
+                screen_mids: vec!["2".into()],
+            },
+            MediaCommand::View {
+                session: SessionId(1),
+                tiles: vec![parley_proto::media::TileView {
+                    publisher: SessionId(2),
+                    source: TrackSource::Screen,
+                    width: 1280,
+                    height: 720,
+                }],
+            },
+        ]
+    );
+}
+
+#[test]
+fn media_plane_layer_events_reach_the_right_clients() {
+    let mut t = TestHub::new(None);
+    let (a, _, _) = t.join("demo", "Ada");
+    let (b, _, _) = t.join("demo", "Bob");
+    t.take_msgs(a);
+    t.media_event(MediaEvent::Layers {
+        session: SessionId(1),
+        mid: "1".into(),
+        active: vec!["q".into()],
+    });
+    t.media_event(MediaEvent::VideoPaused {
+        session: SessionId(2),
+        publisher: SessionId(1),
+        source: TrackSource::Camera,
+        paused: true,
+    });
+    t.media_event(MediaEvent::DominantSpeaker {
+        session: SessionId(1),
+    });
+    assert_eq!(
+        t.take_msgs(a),
+        vec![
+            ServerMsg::Layers {
+                mid: "1".into(),
+                active: vec!["q".into()]
+            },
+            ServerMsg::DominantSpeaker { id: "p1".into() },
+        ]
+    );
+    assert_eq!(
+        t.take_msgs(b),
+        vec![
+            ServerMsg::VideoPaused {
+                id: "p1".into(),
+                source: TrackSource::Camera,
+                paused: true,
+                reason: "bandwidth".into()
+            },
+            ServerMsg::DominantSpeaker { id: "p1".into() },
+        ]
     );
 }

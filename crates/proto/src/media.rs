@@ -16,6 +16,26 @@ impl fmt::Display for SessionId {
     }
 }
 
+/// What a published track carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TrackSource {
+    Mic,
+    #[default]
+    Camera,
+    Screen,
+}
+
+/// One remote video as a subscriber shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TileView {
+    pub publisher: SessionId,
+    pub source: TrackSource,
+    /// Size in device pixels.
+    pub width: u32,
+    pub height: u32,
+}
+
 /// Signaling plane → media plane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -28,6 +48,14 @@ pub enum MediaCommand {
         room: String,
         stream_id: String,
         sdp: String,
+        /// Mids of the offer that carry a screen share.
+        #[serde(default)]
+        screen_mids: Vec<String>,
+    },
+    /// What the participant shows; videos not listed are not sent to it.
+    View {
+        session: SessionId,
+        tiles: Vec<TileView>,
     },
     /// The participant's answer to the media plane's offer number `id`.
     Answer {
@@ -59,6 +87,21 @@ pub enum MediaEvent {
     Closed { session: SessionId },
     /// The participant started or stopped speaking (RFC 6464 audio level).
     Speaking { session: SessionId, speaking: bool },
+    /// The participant is now the dominant speaker of its room.
+    DominantSpeaker { session: SessionId },
+    /// Dynacast: of the publisher's simulcast track `mid`, only `active` rids are needed.
+    Layers {
+        session: SessionId,
+        mid: String,
+        active: Vec<String>,
+    },
+    /// The subscriber's bandwidth does not allow `publisher`'s video (or allows it again).
+    VideoPaused {
+        session: SessionId,
+        publisher: SessionId,
+        source: TrackSource,
+        paused: bool,
+    },
 }
 
 impl MediaEvent {
@@ -70,7 +113,10 @@ impl MediaEvent {
             | MediaEvent::SdpRejected { session, .. }
             | MediaEvent::Connected { session }
             | MediaEvent::Closed { session }
-            | MediaEvent::Speaking { session, .. } => *session,
+            | MediaEvent::Speaking { session, .. }
+            | MediaEvent::DominantSpeaker { session }
+            | MediaEvent::Layers { session, .. }
+            | MediaEvent::VideoPaused { session, .. } => *session,
         }
     }
 }

@@ -18,13 +18,32 @@ pub struct ClientFrame {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMsg {
-    Join { room: String, name: String },
-    Offer { sdp: String },
-    Answer { id: u64, sdp: String },
-    Mute { audio: bool, video: bool },
+    Join {
+        room: String,
+        name: String,
+    },
+    Offer {
+        sdp: String,
+        /// Mid → source, for tracks that are not the microphone or the camera.
+        #[serde(default)]
+        tracks: std::collections::BTreeMap<String, crate::media::TrackSource>,
+    },
+    View {
+        tiles: Vec<ViewTile>,
+    },
+    Answer {
+        id: u64,
+        sdp: String,
+    },
+    Mute {
+        audio: bool,
+        video: bool,
+    },
     Leave,
     Ack,
-    Resume { session: String },
+    Resume {
+        session: String,
+    },
     Ping,
 }
 
@@ -47,6 +66,16 @@ pub struct ServerFrame {
     pub ack: Option<u64>,
     #[serde(flatten)]
     pub msg: ServerMsg,
+}
+
+/// One remote video as the client shows it (`view`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewTile {
+    pub id: String,
+    #[serde(default)]
+    pub source: crate::media::TrackSource,
+    pub width: u32,
+    pub height: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +119,19 @@ pub enum ServerMsg {
     Speaking {
         id: String,
         speaking: bool,
+    },
+    DominantSpeaker {
+        id: String,
+    },
+    Layers {
+        mid: String,
+        active: Vec<String>,
+    },
+    VideoPaused {
+        id: String,
+        source: crate::media::TrackSource,
+        paused: bool,
+        reason: String,
     },
     Error {
         code: ErrorCode,
@@ -171,7 +213,7 @@ impl ClientFrame {
 }
 
 const KNOWN_CLIENT_TYPES: &[&str] = &[
-    "join", "offer", "answer", "mute", "leave", "ack", "resume", "ping",
+    "join", "offer", "view", "answer", "mute", "leave", "ack", "resume", "ping",
 ];
 
 /// Room names: 1 to 64 characters from `A-Z a-z 0-9 - _ .`.

@@ -11,21 +11,29 @@
 //! STUN by the local ICE ufrag in the USERNAME attribute, everything else by source address
 //! (learnt from STUN).
 
+mod alloc;
+mod munger;
 mod session;
 mod speaking;
+mod vp8;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use parley_proto::media::{MediaCommand, MediaEvent, SessionId};
+use parley_proto::media::{MediaCommand, MediaEvent, SessionId, TrackSource};
 use str0m::Input;
+use str0m::bwe::Bitrate;
+use str0m::format::Codec;
 use str0m::ice::StunMessage;
-use str0m::media::{KeyframeRequestKind, MediaKind, Mid};
+use str0m::media::{KeyframeRequestKind, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
+use str0m::rtp::Vp8Descriptor;
 
-use session::{Session, TrackOut};
+use alloc::{Choice, Demand, LayerInfo};
+use session::{Incoming, Pause, Session, TrackOut};
+use speaking::DominantSpeaker;
 
 pub use str0m::net::Transmit;
 
@@ -48,7 +56,16 @@ pub struct Sfu {
     transmits: VecDeque<Transmit>,
     /// Sessions whose output must be polled before the next wait.
     to_drive: Vec<SessionId>,
+    /// Dominant speaker per room.
+    dominant: HashMap<String, DominantSpeaker>,
+    /// When layer selection, dynacast and speaker detection run next.
+    next_tick: Option<Instant>,
 }
+
+/// How often layers are chosen, publishers' layers paused or resumed, and speakers ranked.
+const TICK: Duration = Duration::from_millis(200);
+/// Assumed need of one forwarded audio track when sharing a subscriber's bandwidth.
+const AUDIO_BITRATE: u64 = 50_000;
 
 /// Do not ask a publisher for keyframes more often than this per track.
 pub(crate) const KEYFRAME_THROTTLE: Duration = Duration::from_millis(500);
@@ -65,6 +82,8 @@ impl Sfu {
             events: VecDeque::new(),
             transmits: VecDeque::new(),
             to_drive: Vec::new(),
+            dominant: HashMap::new(),
+            next_tick: None,
         }
     }
 
@@ -81,7 +100,19 @@ impl Sfu {
                 room,
                 stream_id,
                 sdp,
-            } => self.handle_offer(session, room, stream_id, &sdp, now),
+                screen_mids,
+            } => self.handle_offer(session, room, stream_id, &sdp, &screen_mids, now),
+            MediaCommand::View { session, tiles } => {
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.view = Some(
+                        tiles
+                            .iter()
+                            .map(|t| (t.publisher, t.source, t.width))
+                            .collect(),
+                    );
+                    self.select(session, now);
+                }
+            }
             MediaCommand::Answer { session, id, sdp } => self.handle_answer(session, id, &sdp, now),
             MediaCommand::Close { session } => self.close_session(session),
         }
@@ -126,15 +157,22 @@ impl Sfu {
 
     /// The earliest time [`Sfu::handle_timeout`] must be called.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let mut session = None;
         while let Some(Reverse((at, sid))) = self.timers.peek().copied() {
             match self.sessions.get(&sid) {
-                Some(s) if s.next_timeout == at => return Some(at),
+                Some(s) if s.next_timeout == at => {
+                    session = Some(at);
+                    break;
+                }
                 _ => {
                     self.timers.pop();
                 }
             }
         }
-        None
+        match (session, self.next_tick) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Advances every session whose timer is due.
@@ -154,6 +192,9 @@ impl Sfu {
                 tracing::debug!(session = %sid, %err, "timeout refused");
             }
             self.to_drive.push(sid);
+        }
+        if self.next_tick.is_some_and(|t| t <= now) {
+            self.tick(now);
         }
         self.drive_all(now);
     }
@@ -197,6 +238,7 @@ impl Sfu {
         room: String,
         stream_id: String,
         sdp: &str,
+        screen_mids: &[String],
         now: Instant,
     ) {
         let offer = match str0m::change::SdpOffer::from_sdp_string(sdp) {
@@ -225,9 +267,13 @@ impl Sfu {
             for other in members.iter() {
                 if let Some(o) = self.sessions.get(other) {
                     for t in &o.tracks_in {
-                        session
-                            .tracks_out
-                            .push(TrackOut::new(*other, t.mid, t.kind, &o.stream_id));
+                        session.tracks_out.push(TrackOut::new(
+                            *other,
+                            t.mid,
+                            t.kind,
+                            t.source,
+                            &o.stream_id,
+                        ));
                     }
                 }
             }
@@ -236,9 +282,18 @@ impl Sfu {
             tracing::info!(session = %sid, "media session created");
         }
 
+        if self.next_tick.is_none() {
+            self.next_tick = Some(now + TICK);
+        }
         let Some(session) = self.sessions.get_mut(&sid) else {
             return;
         };
+        for m in screen_mids {
+            let mid = Mid::from(m.as_str());
+            if !session.screen_mids.contains(&mid) {
+                session.screen_mids.push(mid);
+            }
+        }
         let old_ufrag = session.ufrag();
         let mids: Vec<Mid> = sdp
             .lines()
@@ -288,10 +343,9 @@ impl Sfu {
         };
         match session.accept_answer(id, answer) {
             Ok(opened) => {
-                for (source, mid, kind) in opened {
-                    if kind == MediaKind::Video {
-                        self.request_keyframe(source, mid, KeyframeRequestKind::Pli, now);
-                    }
+                if !opened.is_empty() {
+                    // Choosing the new tracks' layers also asks for their keyframes.
+                    self.select(sid, now);
                 }
             }
             Err(reason) => self.events.push_back(MediaEvent::SdpRejected {
@@ -313,12 +367,13 @@ impl Sfu {
             members.retain(|m| *m != sid);
             for m in members.iter() {
                 if let Some(other) = self.sessions.get_mut(m) {
-                    other.source_gone(sid, None);
+                    other.publisher_gone(sid, None);
                     self.to_drive.push(*m);
                 }
             }
             if members.is_empty() {
                 self.rooms.remove(&session.room);
+                self.dominant.remove(&session.room);
             }
         }
         self.events.push_back(MediaEvent::Closed { session: sid });
@@ -342,8 +397,8 @@ impl Sfu {
             for mid in out.tracks_removed {
                 self.unpublish(sid, mid);
             }
-            for req in out.keyframe_requests {
-                self.request_keyframe(req.0, req.1, req.2, now);
+            for (publisher, mid, rid, kind) in out.keyframe_requests {
+                self.request_keyframe(publisher, mid, rid, kind, now);
             }
             if out.connected {
                 // A subscriber that just connected needs a keyframe of every video it receives.
@@ -353,14 +408,14 @@ impl Sfu {
                     .into_iter()
                     .flat_map(|s| s.tracks_out.iter())
                     .filter(|t| t.kind == MediaKind::Video)
-                    .map(|t| (t.source, t.source_mid))
+                    .filter_map(|t| Some((t.publisher, t.publisher_mid, t.target?)))
                     .collect();
-                for (source, mid) in wanted {
-                    self.request_keyframe(source, mid, KeyframeRequestKind::Pli, now);
+                for (publisher, mid, rid) in wanted {
+                    self.request_keyframe(publisher, mid, rid, KeyframeRequestKind::Pli, now);
                 }
             }
             for (mid, pkt) in out.packets {
-                self.forward(sid, mid, &pkt);
+                self.forward(sid, mid, &pkt, now);
             }
         }
     }
@@ -371,6 +426,11 @@ impl Sfu {
             return;
         };
         let stream_id = session.stream_id.clone();
+        let source = session
+            .tracks_in
+            .iter()
+            .find(|t| t.mid == mid)
+            .map_or(TrackSource::Camera, |t| t.source);
         let Some(members) = self.rooms.get(&session.room) else {
             return;
         };
@@ -378,7 +438,7 @@ impl Sfu {
             if let Some(other) = self.sessions.get_mut(m) {
                 other
                     .tracks_out
-                    .push(TrackOut::new(sid, mid, kind, &stream_id));
+                    .push(TrackOut::new(sid, mid, kind, source, &stream_id));
                 self.to_drive.push(*m);
             }
         }
@@ -394,14 +454,14 @@ impl Sfu {
         };
         for m in members.iter().filter(|m| **m != sid) {
             if let Some(other) = self.sessions.get_mut(m) {
-                other.source_gone(sid, Some(mid));
+                other.publisher_gone(sid, Some(mid));
                 self.to_drive.push(*m);
             }
         }
     }
 
-    fn forward(&mut self, sid: SessionId, mid: Mid, pkt: &str0m::rtp::RtpPacket) {
-        let Some(publisher) = self.sessions.get(&sid) else {
+    fn forward(&mut self, sid: SessionId, mid: Mid, pkt: &str0m::rtp::RtpPacket, now: Instant) {
+        let Some(publisher) = self.sessions.get_mut(&sid) else {
             return;
         };
         let Some(params) = publisher
@@ -411,6 +471,37 @@ impl Sfu {
             .copied()
         else {
             return;
+        };
+        let rid = publisher
+            .rtc
+            .direct_api()
+            .stream_rx(&pkt.header.ssrc)
+            .and_then(|s| s.rid());
+        let is_vp8 = params.spec().codec == Codec::Vp8;
+        let vp8 = if is_vp8 {
+            Vp8Descriptor::parse(&pkt.payload).ok()
+        } else {
+            None
+        };
+        let size = if is_vp8 {
+            vp8::keyframe_size(&pkt.payload)
+        } else {
+            None
+        };
+        if let (Some((w, _)), Some(t)) =
+            (size, publisher.tracks_in.iter_mut().find(|t| t.mid == mid))
+            && let Some(l) = t.layers.iter_mut().find(|l| l.rid == rid)
+        {
+            l.width = u32::from(w);
+        }
+        let incoming = Incoming {
+            publisher: sid,
+            mid,
+            rid,
+            params,
+            pkt,
+            keyframe: size.is_some() || !is_vp8,
+            vp8,
         };
         let Some(members) = self.rooms.get(&publisher.room) else {
             return;
@@ -422,23 +513,191 @@ impl Sfu {
             let Some(sub) = self.sessions.get_mut(m) else {
                 continue;
             };
-            if sub.write(sid, mid, params, pkt) {
+            if sub.write(&incoming, now) {
                 self.to_drive.push(*m);
+            }
+        }
+    }
+
+    /// Layer selection, dynacast and speaker ranking, every [`TICK`].
+    fn tick(&mut self, now: Instant) {
+        self.next_tick = (!self.sessions.is_empty()).then_some(now + TICK);
+        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for sid in &ids {
+            self.select(*sid, now);
+        }
+        self.dynacast();
+        let rooms: Vec<(String, Vec<SessionId>)> = self
+            .rooms
+            .iter()
+            .map(|(r, m)| (r.clone(), m.clone()))
+            .collect();
+        for (room, members) in rooms {
+            let levels: Vec<(SessionId, f32)> = members
+                .iter()
+                .filter_map(|m| Some((*m, self.sessions.get(m)?.loudness)))
+                .collect();
+            let detector = self.dominant.entry(room).or_default();
+            if let Some(session) = detector.update(&levels) {
+                self.events
+                    .push_back(MediaEvent::DominantSpeaker { session });
+            }
+        }
+    }
+
+    /// Chooses, for each video subscriber `sid` receives, the layer its view and bandwidth
+    /// allow; asks for keyframes of new targets and tells it about paused videos.
+    fn select(&mut self, sid: SessionId, now: Instant) {
+        let Some(sub) = self.sessions.get(&sid) else {
+            return;
+        };
+        let dominant = self.dominant.get(&sub.room).and_then(|d| d.current());
+        let audio = sub
+            .tracks_out
+            .iter()
+            .filter(|t| t.is_open() && t.kind == MediaKind::Audio)
+            .count() as u64;
+        let budget = sub
+            .estimate
+            .map(|e| (e.as_u64()).saturating_sub(audio * AUDIO_BITRATE));
+        let mut which = Vec::new();
+        let mut demands = Vec::new();
+        for (i, t) in sub.tracks_out.iter().enumerate() {
+            if !t.is_open() || t.kind != MediaKind::Video {
+                continue;
+            }
+            let Some(track) = self
+                .sessions
+                .get(&t.publisher)
+                .and_then(|p| p.tracks_in.iter().find(|x| x.mid == t.publisher_mid))
+            else {
+                continue;
+            };
+            if track.layers.is_empty() {
+                continue;
+            }
+            let priority = match t.source {
+                TrackSource::Screen => 0,
+                _ if Some(t.publisher) == dominant => 1,
+                _ => 2,
+            };
+            let layers = track
+                .layers
+                .iter()
+                .map(|l| LayerInfo {
+                    width: l.width,
+                    bitrate: l.bitrate,
+                })
+                .collect();
+            let rids: Vec<Option<Rid>> = track.layers.iter().map(|l| l.rid).collect();
+            which.push((i, rids));
+            demands.push(Demand {
+                priority,
+                layers,
+                want: t.want(&sub.view),
+            });
+        }
+        // What the subscriber would receive with no bandwidth limit, with headroom: str0m
+        // probes up to it, so a paused or lowered video can come back when the link allows.
+        let unconstrained: u64 = demands
+            .iter()
+            .map(
+                |d| match alloc::allocate(None, std::slice::from_ref(d))[0] {
+                    Choice::Layer(l) => alloc::layer_bitrate(&d.layers, l),
+                    _ => 0,
+                },
+            )
+            .sum();
+        let desired = (unconstrained + audio * AUDIO_BITRATE) * 5 / 4;
+        let choices = alloc::allocate(budget, &demands);
+        let Some(sub) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let mut keyframes = Vec::new();
+        for ((i, rids), choice) in which.into_iter().zip(choices) {
+            let t = &mut sub.tracks_out[i];
+            let (target, paused) = match choice {
+                Choice::Layer(l) => (Some(rids[l]), None),
+                Choice::Hidden => (None, Some(Pause::Hidden)),
+                Choice::Paused => (None, Some(Pause::Bandwidth)),
+            };
+            let was_bw = t.paused == Some(Pause::Bandwidth);
+            let is_bw = paused == Some(Pause::Bandwidth);
+            if was_bw != is_bw {
+                tracing::debug!(session = %sid, publisher = %t.publisher, paused = is_bw, "video paused for bandwidth");
+                self.events.push_back(MediaEvent::VideoPaused {
+                    session: sid,
+                    publisher: t.publisher,
+                    source: t.source,
+                    paused: is_bw,
+                });
+            }
+            t.paused = paused;
+            if target != t.target {
+                t.target = target;
+            }
+            if let Some(rid) = t.target
+                && t.current != Some(rid)
+            {
+                keyframes.push((t.publisher, t.publisher_mid, rid));
+            }
+        }
+        if unconstrained > 0 {
+            let min = Bitrate::from(desired.min(300_000));
+            sub.rtc.bwe().set_bitrate(min, Bitrate::from(desired));
+        }
+        for (publisher, mid, rid) in keyframes {
+            self.request_keyframe(publisher, mid, rid, KeyframeRequestKind::Pli, now);
+        }
+    }
+
+    /// Tells publishers which simulcast layers anyone receives, so the rest can be paused.
+    fn dynacast(&mut self) {
+        let mut needed: HashMap<(SessionId, Mid), Vec<Rid>> = HashMap::new();
+        for s in self.sessions.values() {
+            for t in s.tracks_out.iter().filter(|t| t.is_open()) {
+                let entry = needed.entry((t.publisher, t.publisher_mid)).or_default();
+                for rid in [t.current.flatten(), t.target.flatten()]
+                    .into_iter()
+                    .flatten()
+                {
+                    if t.paused.is_none() && !entry.contains(&rid) {
+                        entry.push(rid);
+                    }
+                }
+            }
+        }
+        for (sid, s) in self.sessions.iter_mut() {
+            for t in s.tracks_in.iter_mut() {
+                if t.layers.len() < 2 {
+                    continue;
+                }
+                let mut active = needed.remove(&(*sid, t.mid)).unwrap_or_default();
+                active.sort_by_key(|r| r.to_string());
+                if t.active_sent.as_ref() != Some(&active) {
+                    t.active_sent = Some(active.clone());
+                    self.events.push_back(MediaEvent::Layers {
+                        session: *sid,
+                        mid: t.mid.to_string(),
+                        active: active.iter().map(|r| r.to_string()).collect(),
+                    });
+                }
             }
         }
     }
 
     fn request_keyframe(
         &mut self,
-        source: SessionId,
+        publisher: SessionId,
         mid: Mid,
+        rid: Option<Rid>,
         kind: KeyframeRequestKind,
         now: Instant,
     ) {
-        if let Some(publisher) = self.sessions.get_mut(&source)
-            && publisher.request_keyframe(mid, kind, now, KEYFRAME_THROTTLE)
+        if let Some(p) = self.sessions.get_mut(&publisher)
+            && p.request_keyframe(mid, rid, kind, now, KEYFRAME_THROTTLE)
         {
-            self.to_drive.push(source);
+            self.to_drive.push(publisher);
         }
     }
 }

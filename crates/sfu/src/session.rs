@@ -3,14 +3,17 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use parley_proto::media::{MediaEvent, SessionId};
+use parley_proto::media::{MediaEvent, SessionId, TrackSource};
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::PayloadParams;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt};
-use str0m::rtp::{RtpPacket, RtpWrite, SeqNo};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid};
+use str0m::rtp::{RtpPacket, RtpWrite, Vp8Descriptor};
 use str0m::{Event, IceConnectionState, Output, Rtc};
 
 use crate::Transmit;
+use crate::alloc::Want;
+use crate::munger::Munger;
 use crate::speaking::SpeakingDetector;
 
 pub(crate) struct Session {
@@ -24,33 +27,114 @@ pub(crate) struct Session {
     pub tracks_in: Vec<TrackIn>,
     /// Other participants' tracks forwarded to this one.
     pub tracks_out: Vec<TrackOut>,
+    /// Mids the participant declared as screen shares.
+    pub screen_mids: Vec<Mid>,
+    /// What the participant shows, once it told us (`None`: everything at best quality).
+    pub view: Option<Vec<(SessionId, TrackSource, u32)>>,
+    /// The latest bandwidth estimate towards this participant.
+    pub estimate: Option<Bitrate>,
+    /// Smoothed audio level (0 silent .. 1 loud) for dominant speaker detection.
+    pub loudness: f32,
     /// Our outstanding offer and its id.
     pending: Option<(u64, SdpPendingOffer)>,
     last_offer_id: u64,
     /// The first offer/answer exchange is done; only then do we offer changes ourselves.
     negotiated: bool,
-    connected: bool,
+    pub connected: bool,
     speaking: SpeakingDetector,
 }
 
 pub(crate) struct TrackIn {
     pub mid: Mid,
     pub kind: MediaKind,
-    last_keyframe_request: Option<Instant>,
-    /// A keyframe request that came within the throttle interval, sent when it ends.
-    deferred_keyframe: Option<KeyframeRequestKind>,
+    pub source: TrackSource,
+    /// Simulcast layers, lowest first; a single `None` rid without simulcast.
+    pub layers: Vec<LayerIn>,
+    /// The rids last asked of the publisher (dynacast).
+    pub active_sent: Option<Vec<Rid>>,
     received_any: bool,
 }
 
+pub(crate) struct LayerIn {
+    pub rid: Option<Rid>,
+    /// From the layer's latest keyframe.
+    pub width: u32,
+    pub bitrate: u64,
+    window_bytes: u64,
+    window_start: Option<Instant>,
+    last_keyframe_request: Option<Instant>,
+    /// A keyframe request that came within the throttle interval, sent when it ends.
+    deferred_keyframe: Option<KeyframeRequestKind>,
+}
+
+impl LayerIn {
+    fn new(rid: Option<Rid>) -> Self {
+        LayerIn {
+            rid,
+            width: 0,
+            bitrate: 0,
+            window_bytes: 0,
+            window_start: None,
+            last_keyframe_request: None,
+            deferred_keyframe: None,
+        }
+    }
+
+    fn count(&mut self, bytes: usize, now: Instant) {
+        let start = *self.window_start.get_or_insert(now);
+        self.window_bytes += bytes as u64;
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed >= Duration::from_millis(500) {
+            let rate = self.window_bytes * 8 * 1000 / elapsed.as_millis().max(1) as u64;
+            // Smooth, but follow a big change quickly.
+            self.bitrate = if self.bitrate == 0 {
+                rate
+            } else {
+                (self.bitrate + rate) / 2
+            };
+            self.window_bytes = 0;
+            self.window_start = Some(now);
+        }
+    }
+}
+
+/// Rank of a simulcast rid from its name, lowest first (ours are q/h/f).
+fn rid_rank(rid: &Option<Rid>) -> u8 {
+    match rid.as_ref().map(|r| r.to_string()) {
+        None => 1,
+        Some(r) => match r.as_str() {
+            "q" | "l" | "0" | "low" => 0,
+            "h" | "m" | "1" | "mid" => 1,
+            _ => 2,
+        },
+    }
+}
+
 impl TrackIn {
-    fn new(mid: Mid, kind: MediaKind) -> Self {
+    fn new(mid: Mid, kind: MediaKind, source: TrackSource) -> Self {
         TrackIn {
             mid,
             kind,
-            last_keyframe_request: None,
-            deferred_keyframe: None,
+            source,
+            layers: Vec::new(),
+            active_sent: None,
             received_any: false,
         }
+    }
+
+    fn layer_mut(&mut self, rid: Option<Rid>) -> &mut LayerIn {
+        let pos = match self.layers.iter().position(|l| l.rid == rid) {
+            Some(p) => p,
+            None => {
+                self.layers.push(LayerIn::new(rid));
+                self.layers.sort_by_key(|l| rid_rank(&l.rid));
+                self.layers
+                    .iter()
+                    .position(|l| l.rid == rid)
+                    .unwrap_or(self.layers.len() - 1)
+            }
+        };
+        &mut self.layers[pos]
     }
 }
 
@@ -67,41 +151,74 @@ pub(crate) enum TrackState {
     NegotiatingStop(Mid),
 }
 
+/// Why a subscriber gets no video of a track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pause {
+    Hidden,
+    Bandwidth,
+}
+
 pub(crate) struct TrackOut {
-    pub source: SessionId,
-    pub source_mid: Mid,
+    pub publisher: SessionId,
+    pub publisher_mid: Mid,
     pub kind: MediaKind,
+    pub source: TrackSource,
     stream_id: String,
     state: TrackState,
-    /// The source left while this track was being negotiated.
-    source_gone: bool,
+    /// The publisher left while this track was being negotiated.
+    publisher_gone: bool,
     /// Incoming payload type → ours, learnt on first use.
     pt_map: Vec<(Pt, Pt)>,
-    /// First forwarded incoming sequence number: outgoing numbers start near 0 for each
-    /// subscriber, so SRTP's rollover counter starts at 0 on both sides.
-    seq_base: Option<u64>,
+    munger: Munger,
+    /// The layer being forwarded.
+    pub current: Option<Option<Rid>>,
+    /// The layer to switch to at its next keyframe; `None` while paused.
+    pub target: Option<Option<Rid>>,
+    pub paused: Option<Pause>,
 }
 
 impl TrackOut {
-    pub fn new(source: SessionId, source_mid: Mid, kind: MediaKind, stream_id: &str) -> Self {
+    pub fn new(
+        publisher: SessionId,
+        publisher_mid: Mid,
+        kind: MediaKind,
+        source: TrackSource,
+        stream_id: &str,
+    ) -> Self {
+        let stream_id = match source {
+            TrackSource::Screen => format!("{stream_id}.screen"),
+            _ => stream_id.to_string(),
+        };
         TrackOut {
-            source,
-            source_mid,
+            publisher,
+            publisher_mid,
             kind,
-            stream_id: stream_id.to_string(),
+            source,
+            stream_id,
             state: TrackState::ToOpen,
-            source_gone: false,
+            publisher_gone: false,
             pt_map: Vec::new(),
-            seq_base: None,
+            munger: Munger::default(),
+            current: None,
+            // Audio and single-layer video start at once; simulcast waits for a choice.
+            target: Some(None),
+            paused: None,
         }
     }
 
-    fn rebase(&mut self, seq: SeqNo) -> Option<SeqNo> {
-        const START: u64 = 1000;
-        let seq = *seq;
-        let base = *self.seq_base.get_or_insert(seq);
-        // Packets older than the first one forwarded are of no use to this subscriber.
-        seq.checked_sub(base).map(|d| SeqNo::from(d + START))
+    pub fn is_open(&self) -> bool {
+        matches!(self.state, TrackState::Open(_))
+    }
+
+    /// How this subscriber wants the video, from its view.
+    pub fn want(&self, view: &Option<Vec<(SessionId, TrackSource, u32)>>) -> Want {
+        match view {
+            None => Want::Best,
+            Some(tiles) => tiles
+                .iter()
+                .find(|(p, s, _)| *p == self.publisher && *s == self.source)
+                .map_or(Want::Hidden, |(_, _, w)| Want::Width(*w)),
+        }
     }
 }
 
@@ -110,9 +227,21 @@ pub(crate) struct PollOut {
     pub timeout: Instant,
     pub tracks_added: Vec<(Mid, MediaKind)>,
     pub tracks_removed: Vec<Mid>,
-    pub keyframe_requests: Vec<(SessionId, Mid, KeyframeRequestKind)>,
+    /// (publisher, its mid, rid, kind) to ask for a keyframe.
+    pub keyframe_requests: Vec<(SessionId, Mid, Option<Rid>, KeyframeRequestKind)>,
     pub connected: bool,
     pub packets: Vec<(Mid, RtpPacket)>,
+}
+
+/// A forwarded packet's facts, found once per packet on the publisher side.
+pub(crate) struct Incoming<'a> {
+    pub publisher: SessionId,
+    pub mid: Mid,
+    pub rid: Option<Rid>,
+    pub params: PayloadParams,
+    pub pkt: &'a RtpPacket,
+    pub keyframe: bool,
+    pub vp8: Option<Vp8Descriptor>,
 }
 
 impl Session {
@@ -123,6 +252,7 @@ impl Session {
             .clear_codecs()
             .enable_opus(true, false)
             .enable_vp8(true)
+            .enable_bwe(Some(Bitrate::kbps(1_000)))
             .build(now);
         Session {
             id,
@@ -132,6 +262,10 @@ impl Session {
             next_timeout: now,
             tracks_in: Vec::new(),
             tracks_out: Vec::new(),
+            screen_mids: Vec::new(),
+            view: None,
+            estimate: None,
+            loudness: 0.0,
             pending: None,
             last_offer_id: 0,
             negotiated: false,
@@ -142,6 +276,14 @@ impl Session {
 
     pub fn ufrag(&mut self) -> String {
         self.rtc.direct_api().local_ice_credentials().ufrag
+    }
+
+    fn source_of(&self, mid: Mid, kind: MediaKind) -> TrackSource {
+        match kind {
+            MediaKind::Audio => TrackSource::Mic,
+            MediaKind::Video if self.screen_mids.contains(&mid) => TrackSource::Screen,
+            MediaKind::Video => TrackSource::Camera,
+        }
     }
 
     /// Accepts the participant's offer. An offer of ours still outstanding is rolled back (we
@@ -169,10 +311,10 @@ impl Session {
                 continue;
             };
             let kind = media.kind();
-            tracing::trace!(session = %self.id, %mid, dir = ?media.direction(), "offered media");
             if media.direction().is_receiving() && !self.tracks_in.iter().any(|t| t.mid == *mid) {
                 tracing::debug!(session = %self.id, %mid, ?kind, "track published");
-                self.tracks_in.push(TrackIn::new(*mid, kind));
+                let source = self.source_of(*mid, kind);
+                self.tracks_in.push(TrackIn::new(*mid, kind, source));
                 published.push((*mid, kind));
             }
         }
@@ -203,11 +345,11 @@ impl Session {
         let mut opened = Vec::new();
         for t in &mut self.tracks_out {
             if let TrackState::Negotiating(mid) = t.state {
-                if t.source_gone {
+                if t.publisher_gone {
                     t.state = TrackState::ToStop(mid);
                 } else {
                     t.state = TrackState::Open(mid);
-                    opened.push((t.source, t.source_mid, t.kind));
+                    opened.push((t.publisher, t.publisher_mid, t.kind));
                 }
             }
         }
@@ -225,17 +367,17 @@ impl Session {
             }
         }
         self.tracks_out
-            .retain(|t| !(t.source_gone && t.state == TrackState::ToOpen));
+            .retain(|t| !(t.publisher_gone && t.state == TrackState::ToOpen));
     }
 
-    /// The publisher `source` left (`mid` None), or stopped publishing track `mid`: stop
-    /// forwarding.
-    pub fn source_gone(&mut self, source: SessionId, mid: Option<Mid>) {
-        let matches = |t: &TrackOut| t.source == source && mid.is_none_or(|m| m == t.source_mid);
+    /// The publisher left (`mid` None), or stopped publishing track `mid`: stop forwarding.
+    pub fn publisher_gone(&mut self, publisher: SessionId, mid: Option<Mid>) {
+        let matches =
+            |t: &TrackOut| t.publisher == publisher && mid.is_none_or(|m| m == t.publisher_mid);
         self.tracks_out
             .retain(|t| !(matches(t) && t.state == TrackState::ToOpen));
         for t in self.tracks_out.iter_mut().filter(|t| matches(t)) {
-            t.source_gone = true;
+            t.publisher_gone = true;
             if let TrackState::Open(m) = t.state {
                 t.state = TrackState::ToStop(m);
             }
@@ -251,7 +393,7 @@ impl Session {
         for t in &mut self.tracks_out {
             match t.state {
                 TrackState::ToOpen => {
-                    let track_id = format!("{}-{}", t.stream_id, t.source_mid);
+                    let track_id = format!("{}-{}", t.stream_id, t.publisher_mid);
                     let mid = api.add_media(
                         t.kind,
                         Direction::SendOnly,
@@ -356,15 +498,23 @@ impl Session {
                 if m.direction.is_receiving() && !self.tracks_in.iter().any(|t| t.mid == m.mid) =>
             {
                 tracing::debug!(session = %self.id, mid = %m.mid, kind = ?m.kind, "track published");
-                self.tracks_in.push(TrackIn::new(m.mid, m.kind));
+                let source = self.source_of(m.mid, m.kind);
+                self.tracks_in.push(TrackIn::new(m.mid, m.kind, source));
                 out.tracks_added.push((m.mid, m.kind));
             }
+            Event::EgressBitrateEstimate(BweKind::Twcc {
+                estimate,
+                can_probe,
+            }) => {
+                tracing::trace!(session = %self.id, %estimate, can_probe, "bandwidth estimate");
+                self.estimate = Some(estimate);
+            }
             Event::RtpPacket(pkt) => {
-                let Some(mid) = self
+                let Some((mid, rid)) = self
                     .rtc
                     .direct_api()
                     .stream_rx(&pkt.header.ssrc)
-                    .map(|s| s.mid())
+                    .map(|s| (s.mid(), s.rid()))
                 else {
                     return;
                 };
@@ -378,15 +528,19 @@ impl Session {
                         audio_level = ?pkt.header.ext_vals.audio_level, "first packet received"
                     );
                 }
-                let is_audio = track.kind == MediaKind::Audio;
-                if is_audio
+                let kind = track.kind;
+                track.layer_mut(rid).count(pkt.payload.len(), now);
+                if kind == MediaKind::Audio
                     && let Some(level) = pkt.header.ext_vals.audio_level
-                    && let Some(speaking) = self.speaking.update(level, now)
                 {
-                    events.push_back(MediaEvent::Speaking {
-                        session: self.id,
-                        speaking,
-                    });
+                    let loud = f32::from(level.clamp(-127, 0) + 127) / 127.0;
+                    self.loudness += 0.05 * (loud - self.loudness);
+                    if let Some(speaking) = self.speaking.update(level, now) {
+                        events.push_back(MediaEvent::Speaking {
+                            session: self.id,
+                            speaking,
+                        });
+                    }
                 }
                 out.packets.push((mid, pkt));
             }
@@ -396,40 +550,66 @@ impl Session {
                     .iter()
                     .find(|t| t.state == TrackState::Open(req.mid))
                 {
+                    let rid = t.current.flatten();
                     out.keyframe_requests
-                        .push((t.source, t.source_mid, req.kind));
+                        .push((t.publisher, t.publisher_mid, rid, req.kind));
                 }
             }
             _ => {}
         }
     }
 
-    /// Writes a packet of `source`'s track `source_mid` to this subscriber, if it receives it.
-    pub fn write(
-        &mut self,
-        source: SessionId,
-        source_mid: Mid,
-        params: PayloadParams,
-        pkt: &RtpPacket,
-    ) -> bool {
+    /// Writes a packet to this subscriber if it receives that track and layer; switches layer
+    /// at a keyframe of the target layer. Returns whether anything was written.
+    pub fn write(&mut self, inc: &Incoming<'_>, now: Instant) -> bool {
         if !self.connected {
             return false;
         }
         let Some(t) = self
             .tracks_out
             .iter_mut()
-            .find(|t| t.source == source && t.source_mid == source_mid)
+            .find(|t| t.publisher == inc.publisher && t.publisher_mid == inc.mid)
         else {
             return false;
         };
         let TrackState::Open(mid) = t.state else {
             return false;
         };
+        tracing::trace!(session = %self.id, publisher = %inc.publisher, kind = ?t.kind, current = ?t.current, target = ?t.target, paused = ?t.paused, key = inc.keyframe, "write");
+        let pkt = inc.pkt;
+        let pic = inc.vp8.and_then(|d| d.picture_id());
+        let tl0 = inc.vp8.and_then(|d| d.tl0_pic_idx());
+        if t.current != Some(inc.rid) {
+            // Switch only to the target layer, and only where its picture starts afresh.
+            let startable = inc.keyframe || t.kind == MediaKind::Audio;
+            if t.target != Some(inc.rid) || !startable {
+                tracing::trace!(session = %self.id, target = ?t.target, rid = ?inc.rid, startable, paused = ?t.paused, "not switching");
+                return false;
+            }
+            tracing::debug!(
+                session = %self.id, publisher = %inc.publisher, mid = %inc.mid,
+                from = ?t.current, to = ?inc.rid, "layer switch"
+            );
+            t.munger
+                .switch(*pkt.seq_no, pkt.header.timestamp, pic, tl0, now);
+            t.current = Some(inc.rid);
+            if !t.munger.started() {
+                return false;
+            }
+        }
+        if t.paused.is_some() {
+            return false;
+        }
         let in_pt = pkt.header.payload_type;
         let pt = match t.pt_map.iter().find(|(i, _)| *i == in_pt) {
             Some((_, o)) => *o,
             None => {
-                let Some(o) = self.rtc.codec_config().match_params(params).map(|p| p.pt()) else {
+                let Some(o) = self
+                    .rtc
+                    .codec_config()
+                    .match_params(inc.params)
+                    .map(|p| p.pt())
+                else {
                     tracing::debug!(session = %self.id, %in_pt, "no matching codec");
                     return false;
                 };
@@ -437,37 +617,50 @@ impl Session {
                 o
             }
         };
-        let first = t.seq_base.is_none();
-        let Some(seq) = t.rebase(pkt.seq_no) else {
+        let Some(m) = t
+            .munger
+            .map(*pkt.seq_no, pkt.header.timestamp, pic, tl0, now)
+        else {
             return false;
         };
-        if first {
-            tracing::debug!(session = %self.id, %source, %mid, kind = ?t.kind, "first packet forwarded");
+        if *m.seq == 1000 {
+            tracing::debug!(session = %self.id, publisher = %inc.publisher, %mid, kind = ?t.kind, "first packet forwarded");
         }
-        let nackable = t.kind == MediaKind::Video;
+        let mut write = RtpWrite::new(pt, m.seq, m.ts, pkt.timestamp, pkt.payload.clone())
+            .marker(pkt.header.marker)
+            .ext_vals(pkt.header.ext_vals.clone())
+            .nackable(t.kind == MediaKind::Video);
+        if let Some(d) = inc.vp8.filter(|_| m.pic.is_some() || m.tl0.is_some()) {
+            let mut patch = d.patch();
+            if let Some(p) = m.pic {
+                patch =
+                    patch.picture_id(if d.picture_id().is_some_and(|x| x < 0x80) && p >= 0x80 {
+                        p & 0x7f
+                    } else {
+                        p
+                    });
+            }
+            if let Some(t0) = m.tl0 {
+                patch = patch.tl0_pic_idx(t0);
+            }
+            match patch.build() {
+                Ok(p) => write = write.vp8_patch(p),
+                Err(err) => tracing::debug!(%err, "vp8 patch refused"),
+            }
+        }
         let mut api = self.rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(mid, None) else {
             return false;
         };
-        tx.write_rtp(
-            RtpWrite::new(
-                pt,
-                seq,
-                pkt.header.timestamp,
-                pkt.timestamp,
-                pkt.payload.clone(),
-            )
-            .marker(pkt.header.marker)
-            .ext_vals(pkt.header.ext_vals.clone())
-            .nackable(nackable),
-        );
+        tx.write_rtp(write);
         true
     }
 
-    /// Asks this publisher for a keyframe on `mid`, at most once per `throttle`.
+    /// Asks this publisher for a keyframe on `mid`/`rid`, at most once per `throttle`.
     pub fn request_keyframe(
         &mut self,
         mid: Mid,
+        rid: Option<Rid>,
         kind: KeyframeRequestKind,
         now: Instant,
         throttle: Duration,
@@ -475,41 +668,47 @@ impl Session {
         let Some(t) = self.tracks_in.iter_mut().find(|t| t.mid == mid) else {
             return false;
         };
-        if t.last_keyframe_request
+        if t.kind != MediaKind::Video {
+            return false;
+        }
+        let layer = t.layer_mut(rid);
+        if layer
+            .last_keyframe_request
             .is_some_and(|at| now.saturating_duration_since(at) < throttle)
         {
             // Not dropped: a subscriber that joined just after the last keyframe needs one too.
-            t.deferred_keyframe = Some(match t.deferred_keyframe {
+            layer.deferred_keyframe = Some(match layer.deferred_keyframe {
                 Some(KeyframeRequestKind::Fir) => KeyframeRequestKind::Fir,
                 _ => kind,
             });
             return false;
         }
+        layer.last_keyframe_request = Some(now);
+        layer.deferred_keyframe = None;
         let mut api = self.rtc.direct_api();
-        let Some(rx) = api.stream_rx_by_mid(mid, None) else {
+        let Some(rx) = api.stream_rx_by_mid(mid, rid) else {
             return false;
         };
         rx.request_keyframe(kind);
-        t.last_keyframe_request = Some(now);
-        t.deferred_keyframe = None;
         true
     }
 
     /// Sends the deferred keyframe requests whose throttle interval has passed.
     fn send_deferred_keyframes(&mut self, now: Instant, throttle: Duration) {
-        let due: Vec<(Mid, KeyframeRequestKind)> = self
+        let due: Vec<(Mid, Option<Rid>, KeyframeRequestKind)> = self
             .tracks_in
             .iter()
-            .filter_map(|t| {
-                let kind = t.deferred_keyframe?;
-                let ready = t
+            .flat_map(|t| t.layers.iter().map(move |l| (t.mid, l)))
+            .filter_map(|(mid, l)| {
+                let kind = l.deferred_keyframe?;
+                let ready = l
                     .last_keyframe_request
                     .is_none_or(|at| now.saturating_duration_since(at) >= throttle);
-                ready.then_some((t.mid, kind))
+                ready.then_some((mid, l.rid, kind))
             })
             .collect();
-        for (mid, kind) in due {
-            self.request_keyframe(mid, kind, now, throttle);
+        for (mid, rid, kind) in due {
+            self.request_keyframe(mid, rid, kind, now, throttle);
         }
     }
 }

@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use parley_proto::media::SessionId;
+
 /// Audio level (dBov, 0 loudest, -127 silence) at or above which a packet counts as voice.
 const VOICE_DBOV: i8 = -50;
 /// Smoothing: each 20 ms packet moves the estimate this far towards 0 or 1.
@@ -43,6 +45,59 @@ impl SpeakingDetector {
     }
 }
 
+/// Smoothed loudness (0 silent, 1 loudest) a participant needs to become dominant.
+const DOMINANT_MIN: f32 = 0.5;
+/// How much louder than the current dominant speaker a challenger must be ...
+const DOMINANT_MARGIN: f32 = 0.08;
+/// ... for this many consecutive evaluations (200 ms apart).
+const DOMINANT_TICKS: u32 = 4;
+
+/// The dominant speaker of one room: the loudest participant, replaced only by one that stays
+/// clearly louder for a while, so short noises do not move it.
+#[derive(Debug, Default)]
+pub(crate) struct DominantSpeaker {
+    current: Option<SessionId>,
+    challenger: Option<(SessionId, u32)>,
+}
+
+impl DominantSpeaker {
+    pub fn current(&self) -> Option<SessionId> {
+        self.current
+    }
+
+    /// Feeds the smoothed loudness of every member; returns the new dominant speaker on change.
+    pub fn update(&mut self, levels: &[(SessionId, f32)]) -> Option<SessionId> {
+        if let Some(cur) = self.current
+            && !levels.iter().any(|(s, _)| *s == cur)
+        {
+            self.current = None;
+        }
+        let (best, level) = levels.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1))?;
+        let current_level = self
+            .current
+            .and_then(|c| levels.iter().find(|(s, _)| *s == c))
+            .map_or(0.0, |(_, l)| *l);
+        let beats = Some(best) != self.current
+            && level >= DOMINANT_MIN
+            && level > current_level + DOMINANT_MARGIN;
+        if !beats {
+            self.challenger = None;
+            return None;
+        }
+        let count = match self.challenger {
+            Some((s, n)) if s == best => n + 1,
+            _ => 1,
+        };
+        self.challenger = Some((best, count));
+        if count >= DOMINANT_TICKS {
+            self.current = Some(best);
+            self.challenger = None;
+            return Some(best);
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +130,32 @@ mod tests {
         feed(&mut d, -127, 10, &mut t);
         assert!(feed(&mut d, -10, 3, &mut t).is_empty());
         assert!(feed(&mut d, -127, 20, &mut t).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod dominant_tests {
+    use super::*;
+
+    #[test]
+    fn follows_the_loud_one_and_ignores_short_noise() {
+        let (a, b) = (SessionId(1), SessionId(2));
+        let mut d = DominantSpeaker::default();
+        let mut changes = Vec::new();
+        for _ in 0..6 {
+            changes.extend(d.update(&[(a, 0.8), (b, 0.1)]));
+        }
+        assert_eq!(changes, vec![a]);
+        // B coughs for two evaluations: nothing changes.
+        for lv in [0.95, 0.95, 0.1, 0.1] {
+            assert_eq!(d.update(&[(a, 0.8), (b, lv)]), None);
+        }
+        // B talks for real.
+        let mut changes = Vec::new();
+        for _ in 0..6 {
+            changes.extend(d.update(&[(a, 0.3), (b, 0.9)]));
+        }
+        assert_eq!(changes, vec![b]);
+        assert_eq!(d.current(), Some(b));
     }
 }

@@ -225,6 +225,7 @@ fn hostile_input_is_refused_and_others_are_untouched() {
                 room: "h".into(),
                 stream_id: "bob".into(),
                 sdp: sdp.into(),
+                screen_mids: vec![],
             },
             w.now,
         );

@@ -140,6 +140,7 @@ impl World {
                 room: room.into(),
                 stream_id: name.into(),
                 sdp: offer.to_sdp_string(),
+                screen_mids: vec![],
             },
             self.now,
         );
@@ -172,6 +173,7 @@ impl World {
             room: String::new(),
             stream_id: p.name.clone(),
             sdp: offer.to_sdp_string(),
+            screen_mids: vec![],
         };
         self.sfu.handle_command(cmd, self.now);
     }
@@ -406,7 +408,7 @@ impl Peer {
                 };
                 // Every frame is a (fake) VP8 keyframe: tag, start code, 640x360.
                 let mut frame = vec![0x50, 0x2a, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0x68, 0x01];
-                frame.resize(1800, 0x11);
+                frame.resize(600, 0x11);
                 let t =
                     MediaTime::new(self.frames_sent * 3000, str0m::media::Frequency::NINETY_KHZ);
                 let _ = w.write(pt, now, t, frame);
