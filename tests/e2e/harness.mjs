@@ -1,8 +1,8 @@
 // Shared pieces of the end-to-end tests: the Parley server process, Debian's Chromium, cleanup.
 import { spawn } from "node:child_process";
 import { createWriteStream, existsSync, readFileSync } from "node:fs";
-import { createServer as createHttpServer } from "node:http";
-import { createServer as createTcpServer } from "node:net";
+import { createServer as createHttpServer, request as httpRequest } from "node:http";
+import { connect as tcpConnect, createServer as createTcpServer } from "node:net";
 import { createSocket } from "node:dgram";
 import { dirname, extname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -114,23 +114,97 @@ export async function startServer({ logFile = join(repoRoot, "tests/e2e/server.l
     await sleep(100);
   }
   log(`server up at ${server.url} (rtc udp ${rtcPort})`);
+  if (process.env.PARLEY_E2E_WEB === "disk") {
+    // The binary embeds web/ at build time; this serves the working tree's web/ in front of it.
+    if (scheme !== "http") {
+      log("PARLEY_E2E_WEB=disk: only plain http is fronted; this test uses the embedded web/");
+    } else {
+      const front = await startWebFront(httpPort);
+      server.url = front.url;
+      const stop = server.stop;
+      server.stop = async () => {
+        await front.stop();
+        await stop();
+      };
+      log(`PARLEY_E2E_WEB=disk: web/ from the working tree at ${front.url}, the rest proxied to ${httpPort}`);
+    }
+  }
   return server;
 }
 
 const MIME = { ".html": "text/html", ".js": "text/javascript", ".css": "text/css" };
+
+/** The file of web/ the server serves at path `p`, "" for /healthz, null for anything else. */
+function webRoute(p) {
+  if (p === "/" || /^\/r\/[^/]*\/?$/.test(p)) return "web/app/index.html";
+  if (p === "/app/app.js" || p === "/app/style.css") return `web${p}`;
+  if (p === "/sdk/parley.js") return "web/sdk/parley.js";
+  if (p === "/healthz") return "";
+  return null;
+}
+
+/**
+ * With PARLEY_E2E_WEB=disk: an HTTP front that serves the working tree's web/ and passes
+ * everything else (the /ws upgrade included) to the server on `backendPort`, so web changes can
+ * be tested without rebuilding the binary.
+ */
+async function startWebFront(backendPort) {
+  const sockets = new Set();
+  const srv = createHttpServer((req, res) => {
+    const file = webRoute(new URL(req.url, "http://x").pathname);
+    if (file) {
+      res.writeHead(200, { "content-type": `${MIME[extname(file)]}; charset=utf-8`, "cache-control": "no-cache" });
+      res.end(readFileSync(join(repoRoot, file)));
+      return;
+    }
+    const up = httpRequest({ host: "127.0.0.1", port: backendPort, method: req.method, path: req.url, headers: req.headers }, (r) => {
+      res.writeHead(r.statusCode, r.headers);
+      r.pipe(res);
+    });
+    up.on("error", () => res.destroy());
+    req.pipe(up);
+  });
+  srv.on("upgrade", (req, socket, head) => {
+    const up = tcpConnect(backendPort, "127.0.0.1", () => {
+      const lines = [`${req.method} ${req.url} HTTP/1.1`];
+      for (let i = 0; i < req.rawHeaders.length; i += 2) lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
+      up.write(lines.join("\r\n") + "\r\n\r\n");
+      if (head && head.length) up.write(head);
+      up.pipe(socket);
+      socket.pipe(up);
+    });
+    for (const s of [socket, up]) {
+      sockets.add(s);
+      s.on("close", () => sockets.delete(s));
+    }
+    // Either side closing (or failing) closes the other: a dropped WebSocket must look dropped.
+    const end = () => {
+      socket.destroy();
+      up.destroy();
+    };
+    up.on("error", end);
+    socket.on("error", end);
+    up.on("close", end);
+    socket.on("close", end);
+  });
+  await new Promise((r) => srv.listen(0, "127.0.0.1", r));
+  return {
+    url: `http://127.0.0.1:${srv.address().port}`,
+    stop: () =>
+      new Promise((r) => {
+        for (const s of sockets) s.destroy();
+        srv.closeAllConnections?.();
+        srv.close(() => r());
+      }),
+  };
+}
 
 /**
  * Serves web/ with the server's routes (no WebSocket). For testing the UI without the server:
  * `node denied.mjs --static`.
  */
 export async function startStaticServer() {
-  const route = (p) => {
-    if (p === "/" || /^\/r\/[^/]*\/?$/.test(p)) return "web/app/index.html";
-    if (p === "/app/app.js" || p === "/app/style.css") return `web${p}`;
-    if (p === "/sdk/parley.js") return "web/sdk/parley.js";
-    if (p === "/healthz") return "";
-    return null;
-  };
+  const route = webRoute;
   const srv = createHttpServer((req, res) => {
     const file = route(new URL(req.url, "http://x").pathname);
     if (file === null) {

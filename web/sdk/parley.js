@@ -665,6 +665,9 @@ export class ParleyClient extends EventTarget {
   }
 
   _onJoined(msg) {
+    // A new session: the view is sent again (at the latest below, after the events).
+    this._viewSent = null;
+    this._viewUnsupported = false;
     this.participantId = String(msg.participant);
     this.session = msg.session;
     if (typeof msg.room === "string") this.room = msg.room;
@@ -684,8 +687,6 @@ export class ParleyClient extends EventTarget {
     if (this.muted.audio || this.muted.video) {
       this._sendReliable({ type: "mute", audio: this.muted.audio, video: this.muted.video });
     }
-    this._viewSent = null;
-    this._viewUnsupported = false;
     this._sendView();
     if (!this._sessionOffered) this._negotiate();
   }
@@ -707,9 +708,13 @@ export class ParleyClient extends EventTarget {
       serverMessage: msg.message || "",
       inReplyTo: msg.in_reply_to ?? null,
     };
-    if (detail.inReplyTo !== null && this._viewSeqs.includes(detail.inReplyTo)) {
-      // A `view` is advice; a server that does not know it (older Parley) still works. Not an
-      // error for the user.
+    const aboutView =
+      detail.inReplyTo !== null
+        ? this._viewSeqs.includes(detail.inReplyTo)
+        : code === "unknown_type" && /\bview\b/.test(detail.serverMessage);
+    if (aboutView) {
+      // A `view` is advice; a server that does not know it (older Parley, whose errors carry no
+      // `in_reply_to`) still works. Not an error for the user.
       if (code === "unknown_type") this._viewUnsupported = true;
       console.debug("parley: view refused:", code, detail.serverMessage);
       return;

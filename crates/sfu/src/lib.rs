@@ -32,7 +32,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::rtp::Vp8Descriptor;
 
 use alloc::{Choice, Demand, LayerInfo};
-use session::{Incoming, Pause, Session, TrackOut};
+use session::{Incoming, Pause, Session, TrackOut, TrackOutMid};
 use speaking::DominantSpeaker;
 
 pub use str0m::net::Transmit;
@@ -64,6 +64,8 @@ pub struct Sfu {
 
 /// How often layers are chosen, publishers' layers paused or resumed, and speakers ranked.
 const TICK: Duration = Duration::from_millis(200);
+/// How often a subscriber whose videos are all paused for bandwidth is probed for more.
+const STARVED_PROBE_EVERY: Duration = Duration::from_secs(4);
 /// Assumed need of one forwarded audio track when sharing a subscriber's bandwidth.
 const AUDIO_BITRATE: u64 = 50_000;
 
@@ -506,6 +508,7 @@ impl Sfu {
         let Some(members) = self.rooms.get(&publisher.room) else {
             return;
         };
+        let mut wanted = Vec::new();
         for m in members {
             if *m == sid {
                 continue;
@@ -516,6 +519,12 @@ impl Sfu {
             if sub.write(&incoming, now) {
                 self.to_drive.push(*m);
             }
+            if !sub.keyframes_wanted.is_empty() {
+                wanted.append(&mut sub.keyframes_wanted);
+            }
+        }
+        for (publisher, mid, rid) in wanted {
+            self.request_keyframe(publisher, mid, rid, KeyframeRequestKind::Pli, now);
         }
     }
 
@@ -614,10 +623,14 @@ impl Sfu {
             return;
         };
         let mut keyframes = Vec::new();
-        for ((i, rids), choice) in which.into_iter().zip(choices) {
+        let mut allocated = 0;
+        for (((i, rids), choice), demand) in which.into_iter().zip(choices).zip(&demands) {
             let t = &mut sub.tracks_out[i];
             let (target, paused) = match choice {
-                Choice::Layer(l) => (Some(rids[l]), None),
+                Choice::Layer(l) => {
+                    allocated += alloc::layer_bitrate(&demand.layers, l);
+                    (Some(rids[l]), None)
+                }
                 Choice::Hidden => (None, Some(Pause::Hidden)),
                 Choice::Paused => (None, Some(Pause::Bandwidth)),
             };
@@ -632,8 +645,21 @@ impl Sfu {
                     paused: is_bw,
                 });
             }
+            if was_bw != is_bw
+                && let TrackOutMid::Open(mid) = t.open_mid()
+                && let Some(tx) = sub.rtc.direct_api().stream_tx_by_mid(mid, None)
+            {
+                // Resends of a paused video would only compete with the audio.
+                let (packets, age) = if is_bw {
+                    (1, Duration::from_millis(1))
+                } else {
+                    (1024, session::RTX_MAX_AGE)
+                };
+                tx.set_rtx_cache(packets, age, Some(0.15));
+            }
             t.paused = paused;
             if target != t.target {
+                tracing::debug!(session = %sid, publisher = %t.publisher, from = ?t.target, to = ?target, ?budget, "layer target");
                 t.target = target;
             }
             if let Some(rid) = t.target
@@ -643,8 +669,35 @@ impl Sfu {
             }
         }
         if unconstrained > 0 {
-            let min = Bitrate::from(desired.min(300_000));
-            sub.rtc.bwe().set_bitrate(min, Bitrate::from(desired));
+            // No padding beyond what is forwarded (it would crowd out audio on a thin link);
+            // probing towards `desired` finds out when more fits.
+            // Padding only up to the video being forwarded (audio needs none); probing towards
+            // what the subscriber would like, in coarse steps so it is not asked for again and
+            // again as the estimate moves.
+            let min = allocated;
+            let mut desired = desired.div_ceil(100_000) * 100_000;
+            let starved = sub
+                .tracks_out
+                .iter()
+                .any(|t| t.paused == Some(Pause::Bandwidth));
+            if starved {
+                // On a link too thin for any video, probing all the time would crowd out the
+                // audio: probe for the lowest video layer only every few seconds.
+                let due = sub
+                    .last_probe
+                    .is_none_or(|at| now.saturating_duration_since(at) >= STARVED_PROBE_EVERY);
+                if due {
+                    sub.last_probe = Some(now);
+                } else {
+                    desired = min.max(sub.estimate.map_or(0, |e| e.as_u64()));
+                }
+            }
+            if sub.bwe_asked != Some((min, desired)) {
+                sub.bwe_asked = Some((min, desired));
+                sub.rtc
+                    .bwe()
+                    .set_bitrate(Bitrate::from(min), Bitrate::from(desired));
+            }
         }
         for (publisher, mid, rid) in keyframes {
             self.request_keyframe(publisher, mid, rid, KeyframeRequestKind::Pli, now);

@@ -16,6 +16,11 @@ use crate::alloc::Want;
 use crate::munger::Munger;
 use crate::speaking::SpeakingDetector;
 
+/// Video waiting longer than this in a subscriber's send queue means its link is overloaded.
+const MAX_BACKLOG: Duration = Duration::from_millis(300);
+/// How old a packet may be and still be resent on a NACK.
+pub(crate) const RTX_MAX_AGE: Duration = Duration::from_millis(1500);
+
 pub(crate) struct Session {
     pub id: SessionId,
     pub room: String,
@@ -42,6 +47,12 @@ pub(crate) struct Session {
     negotiated: bool,
     pub connected: bool,
     speaking: SpeakingDetector,
+    /// Keyframes this subscriber needs from publishers: (publisher, mid, rid).
+    pub keyframes_wanted: Vec<(SessionId, Mid, Option<Rid>)>,
+    /// The padding floor and probing goal last given to the bandwidth estimator.
+    pub bwe_asked: Option<(u64, u64)>,
+    /// When the estimator was last asked to probe for more while starved.
+    pub last_probe: Option<Instant>,
 }
 
 pub(crate) struct TrackIn {
@@ -151,6 +162,12 @@ pub(crate) enum TrackState {
     NegotiatingStop(Mid),
 }
 
+/// The subscriber-side mid of a track, once negotiated.
+pub(crate) enum TrackOutMid {
+    Open(Mid),
+    NotOpen,
+}
+
 /// Why a subscriber gets no video of a track.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pause {
@@ -208,6 +225,13 @@ impl TrackOut {
 
     pub fn is_open(&self) -> bool {
         matches!(self.state, TrackState::Open(_))
+    }
+
+    pub fn open_mid(&self) -> TrackOutMid {
+        match self.state {
+            TrackState::Open(m) => TrackOutMid::Open(m),
+            _ => TrackOutMid::NotOpen,
+        }
     }
 
     /// How this subscriber wants the video, from its view.
@@ -271,6 +295,9 @@ impl Session {
             negotiated: false,
             connected: false,
             speaking: SpeakingDetector::default(),
+            keyframes_wanted: Vec::new(),
+            bwe_asked: None,
+            last_probe: None,
         }
     }
 
@@ -350,6 +377,12 @@ impl Session {
                 } else {
                     t.state = TrackState::Open(mid);
                     opened.push((t.publisher, t.publisher_mid, t.kind));
+                    if t.kind == MediaKind::Video
+                        && let Some(tx) = self.rtc.direct_api().stream_tx_by_mid(mid, None)
+                    {
+                        // A resend older than this arrives too late to be shown.
+                        tx.set_rtx_cache(1024, RTX_MAX_AGE, Some(0.15));
+                    }
                 }
             }
         }
@@ -652,6 +685,19 @@ impl Session {
         let Some(tx) = api.stream_tx_by_mid(mid, None) else {
             return false;
         };
+        let backlog = tx
+            .queue_info()
+            .and_then(|q| q.first_unsent())
+            .map(|first| now.saturating_duration_since(first));
+        if t.kind == MediaKind::Video && backlog.is_some_and(|b| b > MAX_BACKLOG) {
+            // The link cannot keep up: stop adding to the queue, and start again at a
+            // keyframe once the allocator has chosen a layer that fits.
+            tracing::debug!(session = %self.id, publisher = %inc.publisher, ?backlog, "send queue backed up; waiting for a keyframe");
+            t.current = None;
+            self.keyframes_wanted
+                .push((inc.publisher, inc.mid, t.target.flatten()));
+            return false;
+        }
         tx.write_rtp(write);
         true
     }
@@ -671,7 +717,10 @@ impl Session {
         if t.kind != MediaKind::Video {
             return false;
         }
-        let layer = t.layer_mut(rid);
+        // Only layers seen arriving: a request for another one has no stream to go to.
+        let Some(layer) = t.layers.iter_mut().find(|l| l.rid == rid) else {
+            return false;
+        };
         if layer
             .last_keyframe_request
             .is_some_and(|at| now.saturating_duration_since(at) < throttle)

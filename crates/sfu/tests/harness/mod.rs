@@ -1,7 +1,7 @@
 //! A fake-time world: one [`Sfu`] and str0m client peers exchanging datagrams in memory.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -9,11 +9,20 @@ use parley_proto::media::{MediaCommand, MediaEvent, SessionId};
 use parley_sfu::{Sfu, SfuConfig};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind, MediaTime, Mid};
-use str0m::net::{Protocol, Receive};
+use str0m::media::{
+    Direction, Frequency, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer,
+};
+use str0m::net::{Protocol, Receive, Transmit};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 
-pub const STEP: Duration = Duration::from_millis(5);
+pub const STEP: Duration = Duration::from_millis(1);
+
+/// Simulcast layers, lowest first, with the width and frame size each sends.
+pub const LAYERS: [&str; 3] = ["q", "h", "f"];
+const LAYER_WIDTH: [u16; 3] = [320, 640, 1280];
+const LAYER_FRAME_BYTES: [usize; 3] = [250, 800, 2500];
+/// Where a test frame carries the number of its layer (1, 2, 3; 9 without simulcast).
+const MARKER_AT: usize = 10;
 
 pub fn init_log() {
     let _ = tracing_subscriber::fmt()
@@ -44,6 +53,112 @@ pub struct Peer {
     pub rejected: Vec<String>,
     pub next_audio: Instant,
     pub next_video: Instant,
+    pub audio_frames: u64,
+    /// Publish the camera as simulcast layers q, h, f.
+    pub simulcast: bool,
+    /// Tracks and layers asked for a keyframe by the SFU (`None`: the single layer).
+    pub keyframe_wanted: Vec<(Mid, Option<Rid>)>,
+    /// The layer marker of the last video frame received, per publisher stream id.
+    pub last_layer: HashMap<String, u8>,
+    /// Video frames received per (publisher stream id, layer marker).
+    pub layer_frames: HashMap<(String, u8), u64>,
+    /// Video frames str0m flagged as not contiguous (a gap in sequence numbers).
+    pub gaps: u64,
+    /// The SFU → peer link.
+    pub down: Link,
+    /// The peer → SFU link.
+    pub up: Link,
+}
+
+/// A simulated one-way network path: a rate limit with a bounded queue, and random loss.
+#[derive(Debug)]
+pub struct Link {
+    /// Bits per second; `None` is unlimited.
+    pub rate: Option<u64>,
+    /// Fraction of datagrams lost, 0.0 to 1.0.
+    pub loss: f64,
+    queue: VecDeque<(Instant, Transmit)>,
+    busy_until: Option<Instant>,
+    rng: u64,
+    pub dropped: u64,
+    /// Bytes carried, by the first byte's class: [STUN, DTLS, RTP/RTCP].
+    pub carried: [u64; 3],
+    /// RTP bytes carried by payload type (RTCP under 200..=206 counted as 255).
+    pub by_pt: HashMap<u8, u64>,
+}
+
+/// A queue longer than this drops datagrams (a router's buffer).
+const MAX_QUEUE_DELAY: Duration = Duration::from_millis(400);
+
+impl Link {
+    pub fn new(seed: u64) -> Self {
+        Link {
+            rate: None,
+            loss: 0.0,
+            queue: VecDeque::new(),
+            busy_until: None,
+            rng: seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1),
+            dropped: 0,
+            carried: [0; 3],
+            by_pt: HashMap::new(),
+        }
+    }
+
+    fn random(&mut self) -> f64 {
+        // xorshift64*: deterministic, good enough for loss patterns.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn send(&mut self, now: Instant, t: Transmit) {
+        if self.loss > 0.0 && self.random() < self.loss {
+            self.dropped += 1;
+            return;
+        }
+        let at = match self.rate {
+            None => now,
+            Some(rate) => {
+                let start = self.busy_until.map_or(now, |b| b.max(now));
+                if start.saturating_duration_since(now) > MAX_QUEUE_DELAY {
+                    self.dropped += 1;
+                    return;
+                }
+                let bits = (t.contents.len() as u64 + 28) * 8;
+                let done = start + Duration::from_secs_f64(bits as f64 / rate as f64);
+                self.busy_until = Some(done);
+                done
+            }
+        };
+        let len = t.contents.len() as u64;
+        match t.contents.first() {
+            Some(b) if *b < 4 => self.carried[0] += len,
+            Some(b) if (20..64).contains(b) => self.carried[1] += len,
+            Some(_) => {
+                self.carried[2] += len;
+                let pt = t.contents.get(1).copied().unwrap_or(0);
+                let key = if (200..=206).contains(&pt) {
+                    255
+                } else {
+                    pt & 0x7f
+                };
+                *self.by_pt.entry(key).or_default() += len;
+            }
+            None => {}
+        }
+        self.queue.push_back((at, t));
+    }
+
+    fn due(&mut self, now: Instant) -> Vec<Transmit> {
+        let mut out = Vec::new();
+        while self.queue.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, t)) = self.queue.pop_front() {
+                out.push(t);
+            }
+        }
+        out
+    }
 }
 
 pub struct World {
@@ -91,6 +206,15 @@ impl World {
 
     /// A client that joins `room` sending one audio and one video track.
     pub fn join(&mut self, name: &str, room: &str) -> usize {
+        self.join_with(name, room, false)
+    }
+
+    /// A client that joins sending audio and a camera in three simulcast layers.
+    pub fn join_simulcast(&mut self, name: &str, room: &str) -> usize {
+        self.join_with(name, room, true)
+    }
+
+    fn join_with(&mut self, name: &str, room: &str, simulcast: bool) -> usize {
         let idx = self.peers.len();
         let addr: SocketAddr = (Ipv4Addr::new(10, 0, 1, idx as u8 + 1), 5000).into();
         let mut rtc = Rtc::builder().build(self.now);
@@ -103,12 +227,19 @@ impl World {
             None,
             None,
         );
+        let layers = simulcast.then(|| {
+            let mut s = Simulcast::new();
+            for rid in LAYERS {
+                s.add_send_layer(SimulcastLayer::new(rid));
+            }
+            s
+        });
         let video = api.add_media(
             MediaKind::Video,
             Direction::SendOnly,
             Some(name.into()),
             None,
-            None,
+            layers,
         );
         let (offer, pending) = api.apply().expect("changes");
         let session = SessionId(self.next_session);
@@ -133,6 +264,14 @@ impl World {
             rejected: Vec::new(),
             next_audio: self.now,
             next_video: self.now,
+            audio_frames: 0,
+            simulcast,
+            keyframe_wanted: Vec::new(),
+            last_layer: HashMap::new(),
+            layer_frames: HashMap::new(),
+            gaps: 0,
+            down: Link::new(idx as u64 * 2 + 1),
+            up: Link::new(idx as u64 * 2 + 2),
         });
         self.sfu.handle_command(
             MediaCommand::Offer {
@@ -267,59 +406,61 @@ impl World {
         for p in &mut self.peers {
             p.send_media(now);
         }
-        // Peers → SFU.
-        for i in 0..self.peers.len() {
+        // Peers → their uplinks.
+        for p in &mut self.peers {
             loop {
-                let p = &mut self.peers[i];
                 if !p.rtc.is_alive() {
                     break;
                 }
                 match p.rtc.poll_output().expect("peer poll") {
                     Output::Timeout(_) => break,
                     Output::Transmit(t) if self.dead.contains(&t.source) => {}
-                    Output::Transmit(t) => {
-                        self.sfu.handle_datagram(
-                            now,
-                            Protocol::Udp,
-                            t.source,
-                            t.destination,
-                            &t.contents,
-                        );
-                    }
+                    Output::Transmit(t) => p.up.send(now, t),
                     Output::Event(e) => p.handle_event(e),
                 }
             }
         }
-        // SFU → peers.
+        // Uplinks → SFU.
+        for i in 0..self.peers.len() {
+            for t in self.peers[i].up.due(now) {
+                self.sfu
+                    .handle_datagram(now, Protocol::Udp, t.source, t.destination, &t.contents);
+            }
+        }
+        // SFU → downlinks. Each peer has its own IP; any of its ports is reachable.
         while let Some(t) = self.sfu.poll_transmit() {
             if self.dead.contains(&t.destination) {
                 continue;
             }
-            // Each peer has its own IP; any of its ports is reachable.
-            let Some(p) = self
+            if let Some(p) = self
                 .peers
                 .iter_mut()
                 .find(|p| p.addr.ip() == t.destination.ip())
-            else {
-                continue;
-            };
-            if !p.rtc.is_alive() {
-                continue;
+            {
+                p.down.send(now, t);
             }
-            let data: &[u8] = &t.contents;
-            let Ok(contents) = data.try_into() else {
-                continue;
-            };
-            let input = Input::Receive(
-                now,
-                Receive {
-                    proto: Protocol::Udp,
-                    source: t.source,
-                    destination: t.destination,
-                    contents,
-                },
-            );
-            let _ = p.rtc.handle_input(input);
+        }
+        // Downlinks → peers.
+        for p in &mut self.peers {
+            for t in p.down.due(now) {
+                if !p.rtc.is_alive() {
+                    continue;
+                }
+                let data: &[u8] = &t.contents;
+                let Ok(contents) = data.try_into() else {
+                    continue;
+                };
+                let input = Input::Receive(
+                    now,
+                    Receive {
+                        proto: Protocol::Udp,
+                        source: t.source,
+                        destination: t.destination,
+                        contents,
+                    },
+                );
+                let _ = p.rtc.handle_input(input);
+            }
         }
         self.signal();
         self.now += STEP;
@@ -375,6 +516,7 @@ impl Peer {
         }
         if now >= self.next_audio {
             self.next_audio = now + Duration::from_millis(20);
+            self.audio_frames += 1;
             if let Some(mid) = self.audio_mid
                 && let Some(w) = self.rtc.writer(mid)
             {
@@ -383,35 +525,67 @@ impl Peer {
                     .find(|p| p.spec().codec == Codec::Opus)
                     .map(|p| p.pt());
                 if let Some(pt) = pt {
-                    let t = MediaTime::from_seconds(
-                        (now - self.next_audio + Duration::from_secs(100)).as_secs_f64(),
-                    );
+                    let t = MediaTime::new(self.audio_frames * 960, Frequency::FORTY_EIGHT_KHZ);
                     let _ =
                         w.audio_level(self.audio_level, true)
-                            .write(pt, now, t, vec![0x55u8; 80]);
+                            .write(pt, now, t, vec![0x55u8; 20]);
                 }
             }
         }
         if now >= self.next_video {
             self.next_video = now + Duration::from_millis(33);
             self.frames_sent += 1;
-            for mid in self.video_mids.clone() {
-                let Some(w) = self.rtc.writer(mid) else {
-                    continue;
+            let t = MediaTime::new(self.frames_sent * 3000, Frequency::NINETY_KHZ);
+            let periodic = self.frames_sent % 60 == 1;
+            for (n, mid) in self.video_mids.clone().into_iter().enumerate() {
+                let simulcast = self.simulcast && n == 0;
+                let layers: Vec<Option<Rid>> = if simulcast {
+                    LAYERS.iter().map(|r| Some(Rid::from(*r))).collect()
+                } else {
+                    vec![None]
                 };
-                let Some(pt) = w
-                    .payload_params()
-                    .find(|p| p.spec().codec == Codec::Vp8)
-                    .map(|p| p.pt())
-                else {
-                    continue;
-                };
-                // Every frame is a (fake) VP8 keyframe: tag, start code, 640x360.
-                let mut frame = vec![0x50, 0x2a, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x02, 0x68, 0x01];
-                frame.resize(600, 0x11);
-                let t =
-                    MediaTime::new(self.frames_sent * 3000, str0m::media::Frequency::NINETY_KHZ);
-                let _ = w.write(pt, now, t, frame);
+                for (i, rid) in layers.into_iter().enumerate() {
+                    let wanted = self.keyframe_wanted.contains(&(mid, rid));
+                    let key = periodic || wanted;
+                    let (width, bytes, marker) = if simulcast {
+                        (LAYER_WIDTH[i], LAYER_FRAME_BYTES[i], i as u8 + 1)
+                    } else {
+                        (640, 600, 9)
+                    };
+                    let Some(w) = self.rtc.writer(mid) else {
+                        continue;
+                    };
+                    let Some(pt) = w
+                        .payload_params()
+                        .find(|p| p.spec().codec == Codec::Vp8)
+                        .map(|p| p.pt())
+                    else {
+                        continue;
+                    };
+                    let w = match rid {
+                        Some(r) => w.rid(r),
+                        None => w,
+                    };
+                    let [wl, wh] = width.to_le_bytes();
+                    // A VP8 frame tag (keyframe bit), start code, size; then the layer marker.
+                    let mut frame = vec![
+                        if key { 0x50 } else { 0x51 },
+                        0x2a,
+                        0x00,
+                        0x9d,
+                        0x01,
+                        0x2a,
+                        wl,
+                        wh,
+                        0x68,
+                        0x01,
+                        marker,
+                    ];
+                    frame.resize(if key { bytes * 3 } else { bytes }, 0x11);
+                    if w.write(pt, now, t, frame).is_ok() && wanted {
+                        self.keyframe_wanted.retain(|k| *k != (mid, rid));
+                    }
+                }
             }
         }
     }
@@ -424,10 +598,31 @@ impl Peer {
                 let Some(media) = self.rtc.media(d.mid) else {
                     return;
                 };
-                let key = (media.stream_id().to_string(), media.kind());
-                *self.received.entry(key).or_default() += 1;
+                let stream = media.stream_id().to_string();
+                if media.kind() == MediaKind::Video {
+                    if !d.contiguous
+                        && self
+                            .received
+                            .contains_key(&(stream.clone(), MediaKind::Video))
+                    {
+                        self.gaps += 1;
+                    }
+                    if let Some(marker) = d.data.get(MARKER_AT) {
+                        self.last_layer.insert(stream.clone(), *marker);
+                        *self
+                            .layer_frames
+                            .entry((stream.clone(), *marker))
+                            .or_default() += 1;
+                    }
+                }
+                *self.received.entry((stream, media.kind())).or_default() += 1;
             }
-            Event::KeyframeRequest(_) => self.keyframe_requests += 1,
+            Event::KeyframeRequest(req) => {
+                self.keyframe_requests += 1;
+                if !self.keyframe_wanted.contains(&(req.mid, req.rid)) {
+                    self.keyframe_wanted.push((req.mid, req.rid));
+                }
+            }
             _ => {}
         }
     }

@@ -1,0 +1,258 @@
+//! Media quality on simulated links (fake time, str0m peers, no sockets): simulcast layer
+//! choice, bandwidth changes, loss recovery, pausing, dynacast and the dominant speaker.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::World;
+use parley_proto::media::{MediaCommand, MediaEvent, SessionId, TileView, TrackSource};
+use str0m::media::MediaKind;
+
+fn view(w: &mut World, viewer: usize, publisher: usize, width: u32) {
+    let cmd = MediaCommand::View {
+        session: w.peers[viewer].session,
+        tiles: vec![TileView {
+            publisher: w.peers[publisher].session,
+            source: TrackSource::Camera,
+            width,
+            height: width * 9 / 16,
+        }],
+    };
+    w.sfu.handle_command(cmd, w.now);
+}
+
+fn layer(w: &World, viewer: usize, publisher: &str) -> u8 {
+    w.peers[viewer]
+        .last_layer
+        .get(publisher)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// A simulcast publisher and two subscribers, connected and receiving.
+fn call() -> (World, usize, usize, usize) {
+    let mut w = World::new();
+    let ada = w.join_simulcast("ada", "q");
+    let bob = w.join("bob", "q");
+    let cy = w.join("cy", "q");
+    w.run_until(Duration::from_secs(5), "both receive ada", |w| {
+        layer(w, bob, "ada") > 0 && layer(w, cy, "ada") > 0
+    });
+    (w, ada, bob, cy)
+}
+
+#[test]
+fn each_subscriber_gets_the_layer_its_tile_needs() {
+    let (mut w, ada, bob, cy) = call();
+    // No view reported: the best layer.
+    w.run_until(Duration::from_secs(5), "top layer by default", |w| {
+        layer(w, bob, "ada") == 3 && layer(w, cy, "ada") == 3
+    });
+    view(&mut w, bob, ada, 200);
+    view(&mut w, cy, ada, 1280);
+    let took = w.run_until(Duration::from_secs(5), "bob on the small layer", |w| {
+        layer(w, bob, "ada") == 1
+    });
+    eprintln!("small tile: lowest layer after {took:?}");
+    w.run(Duration::from_secs(1));
+    assert_eq!(
+        layer(&w, cy, "ada"),
+        3,
+        "the large tile keeps the top layer"
+    );
+    view(&mut w, bob, ada, 700);
+    w.run_until(Duration::from_secs(5), "bob back up", |w| {
+        layer(w, bob, "ada") == 2
+    });
+    // Switches happen at keyframes with rewritten numbering: no gap the decoder would see.
+    assert_eq!(w.peers[bob].gaps, 0, "sequence gap visible to bob");
+    assert_eq!(w.peers[cy].gaps, 0, "sequence gap visible to cy");
+}
+
+#[test]
+fn hidden_tiles_get_no_video_but_audio_goes_on() {
+    let (mut w, _ada, bob, _cy) = call();
+    w.sfu.handle_command(
+        MediaCommand::View {
+            session: w.peers[bob].session,
+            tiles: vec![],
+        },
+        w.now,
+    );
+    w.run(Duration::from_millis(500));
+    let video = w.received(bob, "ada", MediaKind::Video);
+    let audio = w.received(bob, "ada", MediaKind::Audio);
+    w.run(Duration::from_secs(2));
+    assert_eq!(w.received(bob, "ada", MediaKind::Video), video);
+    assert!(w.received(bob, "ada", MediaKind::Audio) > audio + 80);
+}
+
+#[test]
+fn dynacast_pauses_layers_nobody_receives() {
+    let (mut w, ada, bob, cy) = call();
+    let ada_session = w.peers[ada].session;
+    view(&mut w, bob, ada, 200);
+    view(&mut w, cy, ada, 200);
+    let active = |w: &World| -> Option<Vec<String>> {
+        w.events.iter().rev().find_map(|e| match e {
+            MediaEvent::Layers {
+                session, active, ..
+            } if *session == ada_session => Some(active.clone()),
+            _ => None,
+        })
+    };
+    w.run_until(Duration::from_secs(5), "only q needed", |w| {
+        active(w) == Some(vec!["q".to_string()])
+    });
+    view(&mut w, cy, ada, 1280);
+    w.run_until(Duration::from_secs(5), "f needed again", |w| {
+        active(w).is_some_and(|a| a.contains(&"f".to_string()))
+    });
+    w.run_until(Duration::from_secs(5), "cy on the top layer", |w| {
+        layer(w, cy, "ada") == 3
+    });
+}
+
+#[test]
+fn a_bandwidth_drop_lowers_the_layer_and_recovery_restores_it() {
+    let (mut w, _ada, bob, _cy) = call();
+    w.run_until(Duration::from_secs(10), "bob on the top layer", |w| {
+        layer(w, bob, "ada") == 3
+    });
+    w.peers[bob].down.rate = Some(350_000);
+    let down = w.run_until(Duration::from_secs(15), "a lower layer", |w| {
+        layer(w, bob, "ada") < 3
+    });
+    eprintln!("BANDWIDTH_DROP_TO_LOWER_LAYER {} ms", down.as_millis());
+    w.peers[bob].down.rate = None;
+    let up = w.run_until(Duration::from_secs(30), "the top layer again", |w| {
+        layer(w, bob, "ada") == 3
+    });
+    eprintln!("BANDWIDTH_RECOVERY_TO_TOP_LAYER {} ms", up.as_millis());
+}
+
+#[test]
+fn five_percent_loss_is_repaired_and_video_keeps_decoding() {
+    let (mut w, ada, bob, _cy) = call();
+    w.peers[ada].up.loss = 0.05;
+    w.peers[bob].down.loss = 0.05;
+    w.run(Duration::from_secs(1));
+    let before = w.received(bob, "ada", MediaKind::Video);
+    let gaps = w.peers[bob].gaps;
+    w.run(Duration::from_secs(10));
+    let fps = (w.received(bob, "ada", MediaKind::Video) - before) as f64 / 10.0;
+    let lost = w.peers[ada].up.dropped + w.peers[bob].down.dropped;
+    eprintln!(
+        "LOSS_5PCT_DECODED_FPS {fps:.1} (of 30 sent; {lost} datagrams lost, {} frames with gaps)",
+        w.peers[bob].gaps - gaps
+    );
+    assert!(lost > 100, "the links lost little: {lost}");
+    assert!(fps > 24.0, "only {fps} frames per second got through");
+}
+
+#[test]
+fn a_link_too_thin_for_video_pauses_it_and_audio_continues() {
+    let mut w = World::new();
+    let ada = w.join_simulcast("ada", "p");
+    let bob = w.join("bob", "p");
+    w.run_until(Duration::from_secs(5), "bob receives ada", |w| {
+        layer(w, bob, "ada") > 0
+    });
+    let (bob_s, ada_s) = (w.peers[bob].session, w.peers[ada].session);
+    let paused = move |w: &World, p: bool| {
+        w.events.iter().any(|e| {
+            matches!(e, MediaEvent::VideoPaused { session, publisher, paused, .. }
+                if *session == bob_s && *publisher == ada_s && *paused == p)
+        })
+    };
+    w.peers[bob].down.rate = Some(100_000);
+    let took = w.run_until(Duration::from_secs(20), "video paused", |w| paused(w, true));
+    eprintln!(
+        "video paused {} ms after the link fell to 100 kbps",
+        took.as_millis()
+    );
+    // Video already queued towards bob drains at the link's pace; then no more comes.
+    let mut last = w.received(bob, "ada", MediaKind::Video);
+    let mut quiet_since = w.now;
+    w.run_until(Duration::from_secs(20), "queued video drained", |w| {
+        let now_frames = w.received(bob, "ada", MediaKind::Video);
+        if now_frames != last {
+            last = now_frames;
+            quiet_since = w.now;
+        }
+        w.now - quiet_since > Duration::from_secs(1)
+    });
+    let (video, audio) = (
+        w.received(bob, "ada", MediaKind::Video),
+        w.received(bob, "ada", MediaKind::Audio),
+    );
+    let carried_before = w.peers[bob].down.by_pt.clone();
+    let dropped_before = w.peers[bob].down.dropped;
+    w.run(Duration::from_secs(3));
+    let window: Vec<(u8, u64)> = w.peers[bob]
+        .down
+        .by_pt
+        .iter()
+        .map(|(pt, b)| (*pt, b - carried_before.get(pt).copied().unwrap_or(0)))
+        .collect();
+    eprintln!(
+        "in the window bob's link carried {window:?}, dropped {}",
+        w.peers[bob].down.dropped - dropped_before
+    );
+    let more = w.received(bob, "ada", MediaKind::Video) - video;
+    assert!(
+        more <= 3,
+        "video kept flowing while paused: {more} frames in 3 s"
+    );
+    let got = w.received(bob, "ada", MediaKind::Audio) - audio;
+    assert!(got > 135, "audio stalled: {got} of 150 packets in 3 s");
+    w.peers[bob].down.rate = None;
+    w.run_until(Duration::from_secs(20), "video resumed", |w| {
+        paused(w, false)
+    });
+    let video = w.received(bob, "ada", MediaKind::Video);
+    w.run(Duration::from_secs(2));
+    assert!(w.received(bob, "ada", MediaKind::Video) > video + 30);
+}
+
+#[test]
+fn dominant_speaker_follows_the_loud_peer_and_ignores_a_cough() {
+    let mut w = World::new();
+    let ada = w.join("ada", "d");
+    let bob = w.join("bob", "d");
+    w.run_until(Duration::from_secs(5), "connected", |w| {
+        w.received(bob, "ada", MediaKind::Audio) > 10
+            && w.received(ada, "bob", MediaKind::Audio) > 10
+    });
+    let dominant = |w: &World| -> Vec<SessionId> {
+        w.events
+            .iter()
+            .filter_map(|e| match e {
+                MediaEvent::DominantSpeaker { session } => Some(*session),
+                _ => None,
+            })
+            .collect()
+    };
+    let (ada_s, bob_s) = (w.peers[ada].session, w.peers[bob].session);
+    w.peers[ada].audio_level = -20;
+    w.run_until(Duration::from_secs(5), "ada dominant", |w| {
+        dominant(w) == vec![ada_s]
+    });
+    // Bob coughs: 100 ms loud.
+    w.peers[bob].audio_level = -5;
+    w.run(Duration::from_millis(100));
+    w.peers[bob].audio_level = -127;
+    w.run(Duration::from_secs(2));
+    assert_eq!(
+        dominant(&w),
+        vec![ada_s],
+        "a cough moved the dominant speaker"
+    );
+    // Bob talks, Ada stops.
+    w.peers[bob].audio_level = -20;
+    w.peers[ada].audio_level = -127;
+    w.run_until(Duration::from_secs(5), "bob dominant", |w| {
+        dominant(w) == vec![ada_s, bob_s]
+    });
+}
