@@ -45,6 +45,8 @@ log "browser tests (headless Chromium)"
     node messages.mjs
     node tls.mjs
     node speaking.mjs
+    node simulcast.mjs
+    node screenshare.mjs
     node denied.mjs
 )
 

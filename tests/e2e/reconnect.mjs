@@ -73,6 +73,24 @@ await runTest("reconnect", {
     const joins = (server.logTail(400).match(/ joined /g) || []).length;
     if (joins !== 2) throw new Error(`expected 2 joins in the server log (no rejoin), saw ${joins}`);
     log("media kept flowing; no rejoin");
+
+    // ICE restart (what the SDK does when media fails): new credentials, media goes on.
+    const ufragOf = (p) => p.evaluate(() => (window.parley.client.pc.localDescription?.sdp.match(/a=ice-ufrag:(\S+)/) || [])[1]);
+    const ufragBefore = await ufragOf(ann);
+    await ann.evaluate(() => window.parley.client.pc.restartIce());
+    await waitFor(async () => (await ufragOf(ann)) !== ufragBefore && (await ann.evaluate(() => window.parley.client.pc.signalingState)) === "stable", {
+      timeoutMs: 10000,
+      message: "Ann's ICE restart to be negotiated",
+    });
+    const afterRestart = await ben.evaluate(videoFramesFrom, annId);
+    const annSees = await ann.evaluate(videoFramesFrom, benId);
+    await waitFor(async () => (await ben.evaluate(videoFramesFrom, annId)) > afterRestart + 10 && (await ann.evaluate(videoFramesFrom, benId)) > annSees + 10, {
+      timeoutMs: 10000,
+      message: "video both ways after Ann's ICE restart",
+    });
+    const errors = consoleLines.filter((l) => /negotiation step failed|demuxer/i.test(l));
+    if (errors.length) throw new Error(`negotiation errors: ${errors.join(" | ")}`);
+    log("ICE restart negotiated; video flows both ways");
   },
   async onFailure() {
     reportFailure(consoleLines, server, 60);

@@ -47,8 +47,28 @@ async function cameraOutbound() {
   return out;
 }
 
+/** In a page: what helps to understand a failure. */
+async function pageState() {
+  const c = window.parley && window.parley.client;
+  if (!c) return null;
+  const r = {
+    id: c.participantId,
+    mediaState: c.mediaState,
+    view: window.parley.view,
+    tracks: [...c.remoteTracks.values()].map((i) => `${i.participantId}/${i.source}/${i.track.kind}/mid=${i.mid}/${i.track.muted ? "muted" : "live"}`),
+    inbound: [],
+  };
+  if (c.pc) {
+    (await c.pc.getStats()).forEach((s) => {
+      if (s.type === "inbound-rtp" && s.kind === "video") r.inbound.push({ mid: s.mid, packets: s.packetsReceived, frames: s.framesDecoded, width: s.frameWidth });
+    });
+  }
+  return r;
+}
+
 let server = null;
 let browser = null;
+const pages = {};
 const consoleLines = [];
 const serverMsgs = [];
 
@@ -58,7 +78,6 @@ await runTest("simulcast", {
     server = await startServer({ logFile: join(repoRoot, "tests/e2e/server-simulcast.log") });
     browser = await launchChromium();
     const room = `e2e-sim-${randomBytes(4).toString("hex")}`;
-    const pages = {};
     for (const [name, query, viewport] of [
       ["Pub", "", { width: 1280, height: 720 }],
       ["Small", "&tile=small", { width: 1280, height: 720 }],
@@ -116,6 +135,9 @@ await runTest("simulcast", {
     log(`small tile gets ${small.frameWidth}x${small.frameHeight}, large tile ${large.frameWidth}x${large.frameHeight}`);
   },
   async onFailure() {
+    for (const [name, page] of Object.entries(pages)) {
+      console.error(`[${name}] ${JSON.stringify(await page.evaluate(pageState).catch((e) => String(e)))}`);
+    }
     if (serverMsgs.length) console.error(`--- layers/video_paused/dominant_speaker/error received ---\n${serverMsgs.slice(-30).join("\n")}`);
     reportFailure(consoleLines, server, 60);
   },

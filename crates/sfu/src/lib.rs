@@ -64,6 +64,8 @@ pub struct Sfu {
 
 /// How often layers are chosen, publishers' layers paused or resumed, and speakers ranked.
 const TICK: Duration = Duration::from_millis(200);
+/// A layer with no packet for this long is not flowing (paused at the encoder, or lost).
+const LAYER_ALIVE: Duration = Duration::from_millis(1000);
 /// How often a subscriber whose videos are all paused for bandwidth is probed for more.
 const STARVED_PROBE_EVERY: Duration = Duration::from_secs(4);
 /// Assumed need of one forwarded audio track when sharing a subscriber's bandwidth.
@@ -599,7 +601,15 @@ impl Sfu {
                 })
                 .collect();
             let rids: Vec<Option<Rid>> = track.layers.iter().map(|l| l.rid).collect();
-            which.push((i, rids));
+            let alive: Vec<bool> = track
+                .layers
+                .iter()
+                .map(|l| {
+                    l.last_packet
+                        .is_some_and(|at| now.saturating_duration_since(at) < LAYER_ALIVE)
+                })
+                .collect();
+            which.push((i, rids, alive));
             demands.push(Demand {
                 priority,
                 layers,
@@ -624,10 +634,18 @@ impl Sfu {
         };
         let mut keyframes = Vec::new();
         let mut allocated = 0;
-        for (((i, rids), choice), demand) in which.into_iter().zip(choices).zip(&demands) {
+        for (((i, rids, alive), choice), demand) in which.into_iter().zip(choices).zip(&demands) {
             let t = &mut sub.tracks_out[i];
             let (target, paused) = match choice {
                 Choice::Layer(l) => {
+                    // A video that has not started yet starts on a layer that is flowing now
+                    // (a paused one would first have to be resumed at the encoder); the next
+                    // rounds move it up.
+                    let l = if t.current.is_none() && !alive[l] {
+                        (0..l).rev().find(|x| alive[*x]).unwrap_or(l)
+                    } else {
+                        l
+                    };
                     allocated += alloc::layer_bitrate(&demand.layers, l);
                     (Some(rids[l]), None)
                 }
@@ -726,6 +744,12 @@ impl Sfu {
                     continue;
                 }
                 let mut active = needed.remove(&(*sid, t.mid)).unwrap_or_default();
+                // The lowest layer stays on, so a new subscriber can start at once.
+                if let Some(lowest) = t.layers.first().and_then(|l| l.rid)
+                    && !active.contains(&lowest)
+                {
+                    active.push(lowest);
+                }
                 active.sort_by_key(|r| r.to_string());
                 if t.active_sent.as_ref() != Some(&active) {
                     t.active_sent = Some(active.clone());

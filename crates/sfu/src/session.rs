@@ -8,7 +8,7 @@ use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::PayloadParams;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid};
-use str0m::rtp::{RtpPacket, RtpWrite, Vp8Descriptor};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
 use str0m::{Event, IceConnectionState, Output, Rtc};
 
 use crate::Transmit;
@@ -73,6 +73,7 @@ pub(crate) struct LayerIn {
     pub bitrate: u64,
     window_bytes: u64,
     window_start: Option<Instant>,
+    pub last_packet: Option<Instant>,
     last_keyframe_request: Option<Instant>,
     /// A keyframe request that came within the throttle interval, sent when it ends.
     deferred_keyframe: Option<KeyframeRequestKind>,
@@ -86,12 +87,14 @@ impl LayerIn {
             bitrate: 0,
             window_bytes: 0,
             window_start: None,
+            last_packet: None,
             last_keyframe_request: None,
             deferred_keyframe: None,
         }
     }
 
     fn count(&mut self, bytes: usize, now: Instant) {
+        self.last_packet = Some(now);
         let start = *self.window_start.get_or_insert(now);
         self.window_bytes += bytes as u64;
         let elapsed = now.saturating_duration_since(start);
@@ -255,6 +258,22 @@ pub(crate) struct PollOut {
     pub keyframe_requests: Vec<(SessionId, Mid, Option<Rid>, KeyframeRequestKind)>,
     pub connected: bool,
     pub packets: Vec<(Mid, RtpPacket)>,
+}
+
+/// The header extension values that describe the media itself. The publisher's MID and RID
+/// are its own (the subscriber's m-line is another), and transport-wide sequence numbers and
+/// send times belong to each hop.
+fn forwarded_extensions(v: &ExtensionValues) -> ExtensionValues {
+    ExtensionValues {
+        audio_level: v.audio_level,
+        voice_activity: v.voice_activity,
+        video_orientation: v.video_orientation,
+        video_content_type: v.video_content_type,
+        abs_capture_time: v.abs_capture_time,
+        play_delay_min: v.play_delay_min,
+        play_delay_max: v.play_delay_max,
+        ..Default::default()
+    }
 }
 
 /// A forwarded packet's facts, found once per packet on the publisher side.
@@ -661,7 +680,7 @@ impl Session {
         }
         let mut write = RtpWrite::new(pt, m.seq, m.ts, pkt.timestamp, pkt.payload.clone())
             .marker(pkt.header.marker)
-            .ext_vals(pkt.header.ext_vals.clone())
+            .ext_vals(forwarded_extensions(&pkt.header.ext_vals))
             .nackable(t.kind == MediaKind::Video);
         if let Some(d) = inc.vp8.filter(|_| m.pic.is_some() || m.tl0.is_some()) {
             let mut patch = d.patch();

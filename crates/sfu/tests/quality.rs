@@ -102,9 +102,12 @@ fn dynacast_pauses_layers_nobody_receives() {
             _ => None,
         })
     };
-    w.run_until(Duration::from_secs(5), "only q needed", |w| {
-        active(w) == Some(vec!["q".to_string()])
-    });
+    view(&mut w, bob, ada, 700);
+    w.run_until(
+        Duration::from_secs(5),
+        "only h (and the always-on q) needed",
+        |w| active(w) == Some(vec!["h".to_string(), "q".to_string()]),
+    );
     view(&mut w, cy, ada, 1280);
     w.run_until(Duration::from_secs(5), "f needed again", |w| {
         active(w).is_some_and(|a| a.contains(&"f".to_string()))
