@@ -468,14 +468,16 @@ impl Sfu {
         let Some(publisher) = self.sessions.get_mut(&sid) else {
             return;
         };
+        let in_pt = pkt.header.payload_type;
         let Some(params) = publisher
             .rtc
             .codec_config()
-            .find(|p| p.pt() == pkt.header.payload_type)
+            .find(|p| p.pt() == in_pt || p.red() == Some(in_pt))
             .copied()
         else {
             return;
         };
+        let red = params.red() == Some(in_pt);
         let rid = publisher
             .rtc
             .direct_api()
@@ -503,6 +505,7 @@ impl Sfu {
             mid,
             rid,
             params,
+            red,
             pkt,
             keyframe: size.is_some() || !is_vp8,
             vp8,

@@ -1,6 +1,7 @@
 //! One participant's PeerConnection on the media plane.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parley_proto::media::{MediaEvent, SessionId, TrackSource};
@@ -8,7 +9,7 @@ use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::PayloadParams;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid};
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Vp8Descriptor};
+use str0m::rtp::{ExtensionValues, RedDecoder, RtpPacket, RtpWrite, Vp8Descriptor};
 use str0m::{Event, IceConnectionState, Output, Rtc};
 
 use crate::Transmit;
@@ -187,8 +188,8 @@ pub(crate) struct TrackOut {
     state: TrackState,
     /// The publisher left while this track was being negotiated.
     publisher_gone: bool,
-    /// Incoming payload type → ours, learnt on first use.
-    pt_map: Vec<(Pt, Pt)>,
+    /// Incoming payload type → ours, and whether RED must be unwrapped, learnt on first use.
+    pt_map: Vec<(Pt, Pt, bool)>,
     munger: Munger,
     /// The layer being forwarded.
     pub current: Option<Option<Rid>>,
@@ -282,6 +283,8 @@ pub(crate) struct Incoming<'a> {
     pub mid: Mid,
     pub rid: Option<Rid>,
     pub params: PayloadParams,
+    /// The packet is RFC 2198 RED wrapping `params`' codec.
+    pub red: bool,
     pub pkt: &'a RtpPacket,
     pub keyframe: bool,
     pub vp8: Option<Vp8Descriptor>,
@@ -293,7 +296,7 @@ impl Session {
             .set_ice_lite(true)
             .set_rtp_mode(true)
             .clear_codecs()
-            .enable_opus(true, false)
+            .enable_opus(true, true)
             .enable_vp8(true)
             .enable_bwe(Some(Bitrate::kbps(1_000)))
             .build(now);
@@ -653,21 +656,34 @@ impl Session {
             return false;
         }
         let in_pt = pkt.header.payload_type;
-        let pt = match t.pt_map.iter().find(|(i, _)| *i == in_pt) {
-            Some((_, o)) => *o,
+        let (pt, unwrap_red) = match t.pt_map.iter().find(|(i, _, _)| *i == in_pt) {
+            Some((_, o, u)) => (*o, *u),
             None => {
-                let Some(o) = self
-                    .rtc
-                    .codec_config()
-                    .match_params(inc.params)
-                    .map(|p| p.pt())
-                else {
+                let Some(ours) = self.rtc.codec_config().match_params(inc.params) else {
                     tracing::debug!(session = %self.id, %in_pt, "no matching codec");
                     return false;
                 };
-                t.pt_map.push((in_pt, o));
-                o
+                // RED (redundant audio) passes through to a subscriber that negotiated it;
+                // the others get the primary block only.
+                let (o, u) = match (inc.red, ours.red()) {
+                    (true, Some(red)) => (red, false),
+                    (true, None) => (ours.pt(), true),
+                    (false, _) => (ours.pt(), false),
+                };
+                t.pt_map.push((in_pt, o, u));
+                (o, u)
             }
+        };
+        let payload: Arc<[u8]> = if unwrap_red {
+            match RedDecoder::decode(&pkt.payload)
+                .ok()
+                .and_then(|blocks| blocks.into_iter().find(|b| b.is_primary))
+            {
+                Some(primary) => primary.payload.into(),
+                None => return false,
+            }
+        } else {
+            pkt.payload.clone()
         };
         let Some(m) = t
             .munger
@@ -678,7 +694,7 @@ impl Session {
         if *m.seq == 1000 {
             tracing::debug!(session = %self.id, publisher = %inc.publisher, %mid, kind = ?t.kind, "first packet forwarded");
         }
-        let mut write = RtpWrite::new(pt, m.seq, m.ts, pkt.timestamp, pkt.payload.clone())
+        let mut write = RtpWrite::new(pt, m.seq, m.ts, pkt.timestamp, payload)
             .marker(pkt.header.marker)
             .ext_vals(forwarded_extensions(&pkt.header.ext_vals))
             .nackable(t.kind == MediaKind::Video);

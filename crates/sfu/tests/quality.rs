@@ -259,3 +259,37 @@ fn dominant_speaker_follows_the_loud_peer_and_ignores_a_cough() {
         dominant(w) == vec![ada_s, bob_s]
     });
 }
+
+#[test]
+fn red_audio_reaches_subscribers_with_and_without_red() {
+    let mut w = World::new();
+    let ada = w.join_opus("ada", "r", true);
+    let bob = w.join_opus("bob", "r", true);
+    let cy = w.join_opus("cy", "r", false);
+    w.run_until(Duration::from_secs(5), "audio to both", |w| {
+        w.received(bob, "ada", MediaKind::Audio) > 20
+            && w.received(cy, "ada", MediaKind::Audio) > 20
+    });
+    let _ = ada;
+    // Bob's link carried a payload type that is neither Opus (111) nor VP8/RTX (96/97): RED.
+    let red_bytes: u64 = w.peers[bob]
+        .down
+        .by_pt
+        .iter()
+        .filter(|(pt, _)| ![111u8, 96, 97, 255].contains(pt))
+        .map(|(_, b)| *b)
+        .sum();
+    let cy_red: u64 = w.peers[cy]
+        .down
+        .by_pt
+        .iter()
+        .filter(|(pt, _)| ![111u8, 96, 97, 255].contains(pt))
+        .map(|(_, b)| *b)
+        .sum();
+    eprintln!(
+        "bob {:?} cy {:?}",
+        w.peers[bob].down.by_pt, w.peers[cy].down.by_pt
+    );
+    assert!(red_bytes > 0, "no RED towards bob");
+    assert_eq!(cy_red, 0, "RED sent to cy, who did not negotiate it");
+}

@@ -173,6 +173,8 @@ pub struct World {
     pub held: Vec<MediaEvent>,
     /// Addresses that no longer work (datagrams from or to them are lost).
     pub dead: Vec<SocketAddr>,
+    /// The next client joins with only Opus, with RED or not.
+    red: Option<bool>,
     next_session: u64,
 }
 
@@ -193,6 +195,7 @@ impl World {
             hold_signal: None,
             held: Vec::new(),
             dead: Vec::new(),
+            red: None,
             next_session: 1,
         }
     }
@@ -214,10 +217,25 @@ impl World {
         self.join_with(name, room, true)
     }
 
+    /// A client whose only audio codec is Opus, with or without RED (redundant audio).
+    pub fn join_opus(&mut self, name: &str, room: &str, red: bool) -> usize {
+        self.red = Some(red);
+        let idx = self.join_with(name, room, false);
+        self.red = None;
+        idx
+    }
+
     fn join_with(&mut self, name: &str, room: &str, simulcast: bool) -> usize {
         let idx = self.peers.len();
         let addr: SocketAddr = (Ipv4Addr::new(10, 0, 1, idx as u8 + 1), 5000).into();
-        let mut rtc = Rtc::builder().build(self.now);
+        let builder = match self.red {
+            Some(red) => Rtc::builder()
+                .clear_codecs()
+                .enable_opus(true, red)
+                .enable_vp8(true),
+            None => Rtc::builder(),
+        };
+        let mut rtc = builder.build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").expect("host candidate"));
         let mut api = rtc.sdp_api();
         let audio = api.add_media(
