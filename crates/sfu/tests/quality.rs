@@ -272,24 +272,16 @@ fn red_audio_reaches_subscribers_with_and_without_red() {
     });
     let _ = ada;
     // Bob's link carried a payload type that is neither Opus (111) nor VP8/RTX (96/97): RED.
-    let red_bytes: u64 = w.peers[bob]
-        .down
-        .by_pt
-        .iter()
-        .filter(|(pt, _)| ![111u8, 96, 97, 255].contains(pt))
-        .map(|(_, b)| *b)
-        .sum();
-    let cy_red: u64 = w.peers[cy]
-        .down
-        .by_pt
-        .iter()
-        .filter(|(pt, _)| ![111u8, 96, 97, 255].contains(pt))
-        .map(|(_, b)| *b)
-        .sum();
-    eprintln!(
-        "bob {:?} cy {:?}",
-        w.peers[bob].down.by_pt, w.peers[cy].down.by_pt
-    );
+    let other_pt_bytes = |i: usize| -> u64 {
+        w.peers[i]
+            .down
+            .by_pt
+            .iter()
+            .filter(|(pt, _)| ![111u8, 96, 97, 255].contains(pt))
+            .map(|(_, b)| *b)
+            .sum()
+    };
+    let (red_bytes, cy_red) = (other_pt_bytes(bob), other_pt_bytes(cy));
     assert!(red_bytes > 0, "no RED towards bob");
     assert_eq!(cy_red, 0, "RED sent to cy, who did not negotiate it");
 }
