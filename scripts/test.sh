@@ -47,6 +47,7 @@ log "browser tests (headless Chromium)"
     node speaking.mjs
     node simulcast.mjs
     node screenshare.mjs
+    node lastn.mjs
     node denied.mjs
 )
 

@@ -1,6 +1,6 @@
 // Shared pieces of the end-to-end tests: the Parley server process, Debian's Chromium, cleanup.
 import { spawn } from "node:child_process";
-import { createWriteStream, existsSync, readFileSync } from "node:fs";
+import { createWriteStream, existsSync, readFileSync, writeFileSync } from "node:fs";
 import { createServer as createHttpServer, request as httpRequest } from "node:http";
 import { connect as tcpConnect, createServer as createTcpServer } from "node:net";
 import { createSocket } from "node:dgram";
@@ -295,3 +295,25 @@ export async function closeAll(browsers, server) {
   for (const b of browsers) if (b) await b.close().catch(() => {});
   if (server) await server.stop();
 }
+
+/** A mono 16-bit 48 kHz WAV file: a 440 Hz tone at `amplitude` (0 = silence). */
+export function wav(path, amplitude, seconds = 5) {
+  const rate = 48000;
+  const n = rate * seconds;
+  const buf = Buffer.alloc(44 + n * 2);
+  buf.write("RIFF", 0);
+  buf.writeUInt32LE(36 + n * 2, 4);
+  buf.write("WAVEfmt ", 8);
+  buf.writeUInt32LE(16, 16);
+  buf.writeUInt16LE(1, 20);
+  buf.writeUInt16LE(1, 22);
+  buf.writeUInt32LE(rate, 24);
+  buf.writeUInt32LE(rate * 2, 28);
+  buf.writeUInt16LE(2, 32);
+  buf.writeUInt16LE(16, 34);
+  buf.write("data", 36);
+  buf.writeUInt32LE(n * 2, 40);
+  for (let i = 0; i < n; i++) buf.writeInt16LE(Math.round(amplitude * 32767 * Math.sin((2 * Math.PI * 440 * i) / rate)), 44 + i * 2);
+  writeFileSync(path, buf);
+}
+

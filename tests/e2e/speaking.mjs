@@ -3,31 +3,10 @@
 // levels) marks the first one's tile, never the silent one's.
 //
 //   node tests/e2e/speaking.mjs           (PARLEY_BIN, CHROMIUM override the binaries)
-import { writeFileSync, mkdtempSync } from "node:fs";
+import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { CHROMIUM_ARGS, launchChromium, log, repoRoot, runTest, sleep, startServer, reportFailure, closeAll } from "./harness.mjs";
-
-/** A mono 16-bit 48 kHz WAV file: a 440 Hz tone at `amplitude` (0 = silence). */
-function wav(path, amplitude, seconds = 5) {
-  const rate = 48000;
-  const n = rate * seconds;
-  const buf = Buffer.alloc(44 + n * 2);
-  buf.write("RIFF", 0);
-  buf.writeUInt32LE(36 + n * 2, 4);
-  buf.write("WAVEfmt ", 8);
-  buf.writeUInt32LE(16, 16);
-  buf.writeUInt16LE(1, 20);
-  buf.writeUInt16LE(1, 22);
-  buf.writeUInt32LE(rate, 24);
-  buf.writeUInt32LE(rate * 2, 28);
-  buf.writeUInt16LE(2, 32);
-  buf.writeUInt16LE(16, 34);
-  buf.write("data", 36);
-  buf.writeUInt32LE(n * 2, 40);
-  for (let i = 0; i < n; i++) buf.writeInt16LE(Math.round(amplitude * 32767 * Math.sin((2 * Math.PI * 440 * i) / rate)), 44 + i * 2);
-  writeFileSync(path, buf);
-}
+import { CHROMIUM_ARGS, launchChromium, log, repoRoot, runTest, sleep, startServer, reportFailure, closeAll, wav } from "./harness.mjs";
 
 let server = null;
 const browsers = [];

@@ -25,6 +25,8 @@ const state = {
   dominant: null,
   /** The last `view` reported: [{id, source, width, height}]. */
   view: [],
+  /** Remote participants, most recent speaker first (then in order of joining): last-N. */
+  speakers: [],
 };
 window.parley = state;
 
@@ -353,6 +355,35 @@ function unobserveTile(node) {
   intersectionObserver?.unobserve(node);
 }
 
+/**
+ * Last-N: in a room of more remote participants than the server's `last_n`, the ids whose
+ * camera is shown (the most recent speakers); null when every camera is shown.
+ */
+function lastNShown() {
+  const n = state.client && state.client.lastN;
+  const remote = [...tiles.keys()].filter((id) => !tiles.get(id).local);
+  if (!n || remote.length <= n) return null;
+  const order = state.speakers.filter((id) => tiles.has(id));
+  for (const id of remote) if (!order.includes(id)) order.push(id);
+  return new Set(order.slice(0, n));
+}
+
+/** Marks the tiles whose camera last-N leaves out, and reports the view if it changed. */
+function applyLastN() {
+  const shown = lastNShown();
+  for (const [id, rec] of tiles) {
+    if (rec.local) continue;
+    rec.node.dataset.lastnHidden = String(!!shown && !shown.has(id));
+  }
+  scheduleView();
+}
+
+function speakerFirst(id) {
+  if (!id || (state.client && id === state.client.participantId)) return;
+  state.speakers = [id, ...state.speakers.filter((x) => x !== id)];
+  applyLastN();
+}
+
 /** The remote videos on screen now: [{id, source, width, height}], sizes in device pixels. */
 function currentView() {
   if (document.visibilityState === "hidden" || $("call").hidden) return [];
@@ -371,8 +402,10 @@ function currentView() {
     }
     if (size) view.push({ id, source, ...size });
   };
+  const shown = lastNShown();
   for (const [id, rec] of tiles) {
     if (rec.local || rec.node.dataset.videoMuted === "true") continue;
+    if (shown && !shown.has(id)) continue;
     add(id, "camera", rec);
   }
   for (const [id, rec] of screens) add(id, "screen", rec);
@@ -477,6 +510,8 @@ function startCall(room, name) {
     rec.node.dataset.speaking = String(!!p.speaking);
     const screen = screens.get(p.id);
     if (screen) setScreenName(screen, p.name);
+    if (p.speaking) speakerFirst(p.id);
+    else applyLastN();
   });
   client.on("participantleft", ({ participantId }) => {
     removeScreenTile(participantId);
@@ -484,6 +519,8 @@ function startCall(room, name) {
     pausedVideos.delete(`${participantId}/camera`);
     pausedVideos.delete(`${participantId}/screen`);
     if (state.dominant === participantId) setDominant(null);
+    state.speakers = state.speakers.filter((x) => x !== participantId);
+    applyLastN();
   });
   client.on("track", ({ participantId, source, track }) => {
     if (!participantId) return;
@@ -514,8 +551,12 @@ function startCall(room, name) {
   client.on("speaking", ({ participantId, speaking }) => {
     const rec = tiles.get(participantId);
     if (rec) rec.node.dataset.speaking = String(speaking);
+    if (speaking) speakerFirst(participantId);
   });
-  client.on("dominantspeaker", ({ participantId }) => setDominant(participantId));
+  client.on("dominantspeaker", ({ participantId }) => {
+    setDominant(participantId);
+    speakerFirst(participantId);
+  });
   client.on("videopaused", ({ participantId, source, paused }) => {
     const key = `${participantId}/${source}`;
     if (paused) pausedVideos.add(key);

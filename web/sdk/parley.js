@@ -670,6 +670,8 @@ export class ParleyClient extends EventTarget {
     this._viewUnsupported = false;
     this.participantId = String(msg.participant);
     this.session = msg.session;
+    /** Show video of the last N speakers only in rooms larger than this (null: all). */
+    this.lastN = Number.isInteger(msg.last_n) && msg.last_n > 0 ? msg.last_n : null;
     if (typeof msg.room === "string") this.room = msg.room;
     this._backoff = this._minDelay;
     this.participants.clear();

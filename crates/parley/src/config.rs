@@ -24,6 +24,8 @@ pub struct Config {
     pub tls_self_signed: bool,
     /// Most participants in one room; unset is unlimited.
     pub max_participants: Option<usize>,
+    /// In rooms with more participants, clients show video of the last N speakers only.
+    pub last_n: Option<u32>,
     /// Seconds a participant whose connection dropped may resume.
     pub resume_window_secs: u64,
     /// Largest signaling message accepted, in bytes.
@@ -43,6 +45,7 @@ impl Default for Config {
             tls_key: None,
             tls_self_signed: false,
             max_participants: None,
+            last_n: None,
             resume_window_secs: 30,
             max_message_bytes: 256 * 1024,
             max_messages_per_sec: 50,
@@ -66,6 +69,9 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.max_participants == Some(0) {
             anyhow::bail!("max_participants: must be at least 1 (leave it unset for no limit)");
+        }
+        if self.last_n == Some(0) {
+            anyhow::bail!("last_n: must be at least 1 (leave it unset to show every video)");
         }
         if self.max_message_bytes < 1024 {
             anyhow::bail!("max_message_bytes: must be at least 1024 (an SDP offer is several KB)");

@@ -21,6 +21,8 @@ pub struct HubConfig {
     pub max_participants: Option<usize>,
     /// How long a participant whose connection dropped may resume.
     pub resume_window: Duration,
+    /// Clients show video of the last N speakers only in rooms larger than this.
+    pub last_n: Option<u32>,
 }
 
 #[derive(Debug, PartialEq)]
@@ -423,6 +425,7 @@ impl Hub {
                 session: token,
                 room: room.clone(),
                 participants: others,
+                last_n: self.config.last_n,
             },
         );
         self.broadcast(

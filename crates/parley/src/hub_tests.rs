@@ -24,6 +24,7 @@ impl TestHub {
             HubConfig {
                 max_participants,
                 resume_window: Duration::from_secs(30),
+                last_n: None,
             },
             tokens,
         );
@@ -158,6 +159,7 @@ fn join_replies_joined_with_seq_1_and_everyone_already_present() {
                 session: "token-1".into(),
                 room: "demo".into(),
                 participants: vec![],
+                last_n: None,
             },
         }]
     );
@@ -177,6 +179,7 @@ fn join_replies_joined_with_seq_1_and_everyone_already_present() {
                 session: "token-2".into(),
                 room: "demo".into(),
                 participants: vec![info("p1", "Ada")],
+                last_n: None,
             },
         }]
     );

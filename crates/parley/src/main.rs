@@ -56,6 +56,9 @@ struct ServeArgs {
     /// Most participants in one room [default: unlimited].
     #[arg(long, env = "PARLEY_MAX_PARTICIPANTS")]
     max_participants: Option<usize>,
+    /// In rooms larger than N, show video of the last N speakers only [default: every video].
+    #[arg(long, env = "PARLEY_LAST_N")]
+    last_n: Option<u32>,
     /// Seconds a dropped client may resume its session [default: 30].
     #[arg(long, env = "PARLEY_RESUME_WINDOW_SECS")]
     resume_window_secs: Option<u64>,
@@ -94,6 +97,9 @@ impl ServeArgs {
         c.tls_self_signed |= self.tls_self_signed;
         if self.max_participants.is_some() {
             c.max_participants = self.max_participants;
+        }
+        if self.last_n.is_some() {
+            c.last_n = self.last_n;
         }
         if let Some(v) = self.resume_window_secs {
             c.resume_window_secs = v;

@@ -59,6 +59,7 @@ pub async fn run(config: Config, media: MediaPlane) -> anyhow::Result<()> {
         HubConfig {
             max_participants: config.max_participants,
             resume_window: Duration::from_secs(config.resume_window_secs),
+            last_n: config.last_n,
         },
         Box::new(random_token),
     );

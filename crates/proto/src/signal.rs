@@ -97,6 +97,9 @@ pub enum ServerMsg {
         session: String,
         room: String,
         participants: Vec<ParticipantInfo>,
+        /// In rooms with more participants than this, show video of the last N speakers only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_n: Option<u32>,
     },
     ParticipantJoined {
         participant: ParticipantInfo,
