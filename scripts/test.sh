@@ -48,6 +48,7 @@ log "browser tests (headless Chromium)"
     node simulcast.mjs
     node screenshare.mjs
     node lastn.mjs
+    node operations.mjs
     node denied.mjs
 )
 

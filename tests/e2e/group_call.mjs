@@ -173,6 +173,32 @@ await runTest("group_call", {
     }
     console.log(`JOIN_TO_FIRST_FRAME_MS p50=${pct(joinMs, 50)} max=${Math.max(...joinMs)}`);
 
+    // Metrics after a real call: media counted both ways, three sessions, three sockets.
+    await sleep(1500); // the media plane exports its counters every second
+    const metrics = await (await fetch(`${server.url}/metrics`)).text();
+    const value = (name) => {
+      const line = metrics.split("\n").find((l) => l.startsWith(name + " "));
+      return line ? Number(line.split(" ").pop()) : NaN;
+    };
+    const labelled = (name, labels) => {
+      const line = metrics.split("\n").find((l) => l.startsWith(`${name}{${labels}}`));
+      return line ? Number(line.split(" ").pop()) : NaN;
+    };
+    const checks = {
+      sessions: value("parley_sessions_active"),
+      participants: value("parley_participants_active"),
+      ws: value("parley_ws_connections_active"),
+      videoIn: labelled("parley_rtp_packets_total", 'direction="in",kind="video"'),
+      videoOut: labelled("parley_rtp_packets_total", 'direction="out",kind="video"'),
+      audioIn: labelled("parley_rtp_packets_total", 'direction="in",kind="audio"'),
+      audioOut: labelled("parley_rtp_packets_total", 'direction="out",kind="audio"'),
+    };
+    log(`metrics: ${JSON.stringify(checks)}`);
+    if (checks.sessions !== 3 || checks.participants !== 3 || checks.ws < 3) throw new Error(`implausible gauges: ${JSON.stringify(checks)}`);
+    for (const k of ["videoIn", "videoOut", "audioIn", "audioOut"]) {
+      if (!(checks[k] > 50)) throw new Error(`implausible ${k}: ${JSON.stringify(checks)}`);
+    }
+
     // Mute on page 1 shows on pages 2 and 3.
     const [u1, u2, u3] = users;
     await u1.page.getByRole("button", { name: "Mute", exact: true }).click();

@@ -468,7 +468,8 @@ function playTile(rec) {
 function startCall(room, name) {
   show("call");
   state.joinStartedAt = Date.now();
-  const client = new ParleyClient({ room, name, localStream: state.localStream });
+  const token = new URLSearchParams(location.search).get("token");
+  const client = new ParleyClient({ room, name, token, localStream: state.localStream });
   state.client = client;
 
   const local = createTile("local", { name, local: true });

@@ -13,7 +13,7 @@ const PING_INTERVAL_MS = 5000;
 const DEAD_AFTER_MS = 15000;
 const DISCONNECTED_RESTART_MS = 3000;
 // Errors that refuse a join: retrying the same join cannot succeed.
-const FATAL_JOIN_ERRORS = new Set(["invalid_room", "invalid_name", "room_full", "already_joined"]);
+const FATAL_JOIN_ERRORS = new Set(["invalid_room", "invalid_name", "room_full", "already_joined", "unauthorized", "draining"]);
 // The subscriber's stream id of a screen share is `<participant id>.screen` (docs/protocol.md).
 const SCREEN_SUFFIX = ".screen";
 const SCREEN_MAX_BITRATE = 2_500_000;
@@ -33,6 +33,8 @@ export const CAMERA_ENCODINGS = Object.freeze([
 /** Human-readable texts for error codes, for UIs that have nothing better to say. */
 export const ERROR_MESSAGES = Object.freeze({
   room_full: "This room is full.",
+  unauthorized: "This link's access token is missing, expired or not valid for this room. Ask for a new link.",
+  draining: "This server is restarting and takes no new calls right now. Try again in a moment.",
   invalid_room:
     "Invalid room name. Use 1–64 characters: letters, digits, “-”, “_” or “.”.",
   invalid_name: "Invalid name. Use 1–64 characters.",
@@ -193,8 +195,10 @@ export class ParleyClient extends EventTarget {
    * @param {number} [opts.reconnectMinMs] first reconnection delay (250 ms)
    * @param {number} [opts.reconnectMaxMs] longest reconnection delay (5 s)
    */
-  constructor({ room, name, url, localStream = null, iceServers = [], reconnectMinMs, reconnectMaxMs } = {}) {
+  constructor({ room, name, url, token = null, localStream = null, iceServers = [], reconnectMinMs, reconnectMaxMs } = {}) {
     super();
+    /** Access token (`?token=` on links), required when the server has API keys. */
+    this.token = token;
     this.room = room;
     this.name = name;
     this.url = url || defaultUrl();
@@ -525,7 +529,9 @@ export class ParleyClient extends EventTarget {
     }
     this._needOffer = true;
     this._sessionOffered = false;
-    this._joinSeq = this._sendReliable({ type: "join", room: this.room, name: this.name });
+    const join = { type: "join", room: this.room, name: this.name };
+    if (this.token) join.token = this.token;
+    this._joinSeq = this._sendReliable(join);
     // Parley processes messages in order, so the offer may follow `join` at once.
     this._negotiate();
   }

@@ -1,6 +1,7 @@
 //! Parley's configuration: a TOML file, overridden by `PARLEY_*` environment variables,
 //! overridden by flags. Every key is documented in `deploy/parley.sample.toml`.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -32,6 +33,16 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Signaling messages per second a client may send before it is cut off.
     pub max_messages_per_sec: u32,
+    /// API key → secret. Tokens signed with a secret admit to rooms; none: open mode.
+    pub api_keys: BTreeMap<String, String>,
+    /// Separate address for `/metrics` and the admin API; unset: the main address.
+    pub admin_http: Option<SocketAddr>,
+    /// Seconds existing calls may go on after a drain starts (SIGTERM or the admin API).
+    pub drain_grace_secs: u64,
+    /// URLs that receive signed webhook POSTs.
+    pub webhook_urls: Vec<String>,
+    /// Secret of the webhook signatures (`X-Parley-Signature`).
+    pub webhook_secret: Option<String>,
 }
 
 impl Default for Config {
@@ -49,6 +60,11 @@ impl Default for Config {
             resume_window_secs: 30,
             max_message_bytes: 256 * 1024,
             max_messages_per_sec: 50,
+            api_keys: BTreeMap::new(),
+            admin_http: None,
+            drain_grace_secs: 5 * 3600,
+            webhook_urls: Vec::new(),
+            webhook_secret: None,
         }
     }
 }
@@ -79,6 +95,20 @@ impl Config {
         if self.max_messages_per_sec == 0 {
             anyhow::bail!("max_messages_per_sec: must be at least 1");
         }
+        if let Some((key, _)) = self.api_keys.iter().find(|(_, s)| s.len() < 16) {
+            anyhow::bail!("api_keys: the secret of key {key:?} is shorter than 16 characters");
+        }
+        if !self.webhook_urls.is_empty() && self.webhook_secret.as_deref().is_none_or(str::is_empty)
+        {
+            anyhow::bail!("webhook_secret: required when webhook_urls are set");
+        }
+        if let Some(url) = self
+            .webhook_urls
+            .iter()
+            .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+        {
+            anyhow::bail!("webhook_urls: {url:?} is not an http:// or https:// URL");
+        }
         if self.public_ip.iter().any(|ip| ip.is_unspecified()) {
             anyhow::bail!(
                 "public_ip: {} is not an address clients can reach",
@@ -86,6 +116,20 @@ impl Config {
             );
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The effective configuration as TOML, with secrets masked.
+    pub fn to_masked_toml(&self) -> anyhow::Result<String> {
+        let mut masked = self.clone();
+        for secret in masked.api_keys.values_mut() {
+            *secret = "********".into();
+        }
+        if masked.webhook_secret.is_some() {
+            masked.webhook_secret = Some("********".into());
+        }
+        Ok(toml::to_string(&masked)?)
     }
 }
 
@@ -108,5 +152,30 @@ mod tests {
         assert!(format!("{err:#}").contains("max_participants"), "{err:#}");
         let err = Config::from_toml("no_such_key = 1").expect_err("unknown key");
         assert!(format!("{err:#}").contains("no_such_key"), "{err:#}");
+    }
+}
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_masked_when_printed() {
+        let mut c = Config::default();
+        c.api_keys
+            .insert("main".into(), "a-long-enough-secret".into());
+        c.webhook_urls.push("http://127.0.0.1:9/hook".into());
+        c.webhook_secret = Some("another-secret".into());
+        let text = c.to_masked_toml().expect("printable");
+        assert!(!text.contains("a-long-enough-secret") && !text.contains("another-secret"));
+        assert!(text.contains("main = \"********\""), "{text}");
+    }
+
+    #[test]
+    fn short_secrets_and_webhooks_without_secret_are_refused() {
+        let err = Config::from_toml("[api_keys]\nk = \"short\"").expect_err("short");
+        assert!(format!("{err:#}").contains("api_keys"), "{err:#}");
+        let err = Config::from_toml("webhook_urls = [\"http://x/\"]").expect_err("no secret");
+        assert!(format!("{err:#}").contains("webhook_secret"), "{err:#}");
     }
 }

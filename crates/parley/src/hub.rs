@@ -6,6 +6,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use parley_proto::media::{MediaCommand, MediaEvent, SessionId, TileView, TrackSource};
+
+use crate::auth::Auth;
+use crate::webhook::WebhookEvent;
 use parley_proto::signal::{
     ClientFrame, ClientMsg, ErrorCode, FrameError, ParticipantInfo, ServerFrame, ServerMsg,
     validate_display_name, validate_room_name,
@@ -23,6 +26,8 @@ pub struct HubConfig {
     pub resume_window: Duration,
     /// Clients show video of the last N speakers only in rooms larger than this.
     pub last_n: Option<u32>,
+    /// API keys; empty is open mode.
+    pub auth: Auth,
 }
 
 #[derive(Debug, PartialEq)]
@@ -31,12 +36,17 @@ pub enum Output {
     /// Close the connection after sending what was queued.
     Close(ConnId, &'static str),
     Media(MediaCommand),
+    Webhook(WebhookEvent),
 }
 
 struct Participant {
     id: u64,
     room: String,
     name: String,
+    /// From the access token; in open mode the display name.
+    identity: String,
+    can_publish: bool,
+    can_subscribe: bool,
     audio_muted: bool,
     video_muted: bool,
     speaking: bool,
@@ -87,6 +97,7 @@ pub struct Hub {
     next_id: u64,
     out: Vec<Output>,
     token_source: Box<dyn FnMut() -> String + Send>,
+    draining: bool,
 }
 
 impl Hub {
@@ -100,19 +111,23 @@ impl Hub {
             next_id: 1,
             out: Vec::new(),
             token_source,
+            draining: false,
         }
+    }
+
+    /// Stops new rooms from being started here; existing ones go on.
+    pub fn start_draining(&mut self) {
+        self.draining = true;
     }
 
     pub fn drain(&mut self) -> std::vec::Drain<'_, Output> {
         self.out.drain(..)
     }
 
-    #[cfg(test)]
     pub fn room_count(&self) -> usize {
         self.rooms.len()
     }
 
-    #[cfg(test)]
     pub fn participant_count(&self) -> usize {
         self.participants.len()
     }
@@ -190,7 +205,9 @@ impl Hub {
         }
         let sent_before = self.out.len();
         match frame.msg {
-            ClientMsg::Join { room, name } => self.join(conn, joined, room, name, frame.seq, now),
+            ClientMsg::Join { room, name, token } => {
+                self.join(conn, joined, room, name, token, frame.seq, now)
+            }
             ClientMsg::Offer { sdp, tracks } => {
                 if let Some(p) = self.joined(conn, joined, frame.seq) {
                     let cmd = MediaCommand::Offer {
@@ -203,6 +220,8 @@ impl Hub {
                             .filter(|(_, s)| *s == TrackSource::Screen)
                             .map(|(mid, _)| mid)
                             .collect(),
+                        can_publish: p.can_publish,
+                        can_subscribe: p.can_subscribe,
                     };
                     self.out.push(Output::Media(cmd));
                 }
@@ -345,12 +364,14 @@ impl Hub {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn join(
         &mut self,
         conn: ConnId,
         joined: Option<u64>,
         room: String,
         name: String,
+        token: Option<String>,
         seq: Option<u64>,
         now: Instant,
     ) {
@@ -368,6 +389,19 @@ impl Hub {
             self.error(conn, ErrorCode::InvalidRoom, msg, seq);
             return;
         }
+        let claims = if self.config.auth.is_open() {
+            None
+        } else {
+            match self.config.auth.verify(token.as_deref(), &room) {
+                Ok(c) => Some(c),
+                Err(err) => {
+                    tracing::info!(conn = conn.0, %room, %err, "join refused");
+                    self.error(conn, ErrorCode::Unauthorized, err.to_string(), seq);
+                    return;
+                }
+            }
+        };
+        let name = claims.as_ref().and_then(|c| c.name.clone()).unwrap_or(name);
         let name = match validate_display_name(&name) {
             Ok(n) => n,
             Err(msg) => {
@@ -375,6 +409,15 @@ impl Hub {
                 return;
             }
         };
+        if self.draining && !self.rooms.contains_key(&room) {
+            self.error(
+                conn,
+                ErrorCode::Draining,
+                "this server is shutting down and takes no new rooms; try again in a moment".into(),
+                seq,
+            );
+            return;
+        }
         let members = self.rooms.get(&room).map_or(0, Vec::len);
         if let Some(max) = self.config.max_participants
             && members >= max
@@ -398,10 +441,16 @@ impl Hub {
             .filter_map(|m| self.participants.get(m))
             .map(Participant::info)
             .collect();
+        let identity = claims
+            .as_ref()
+            .map_or_else(|| name.clone(), |c| c.sub.clone());
         let p = Participant {
             id,
             room: room.clone(),
             name,
+            identity,
+            can_publish: claims.as_ref().is_none_or(|c| c.publish),
+            can_subscribe: claims.as_ref().is_none_or(|c| c.subscribe),
             audio_muted: false,
             video_muted: false,
             speaking: false,
@@ -414,9 +463,20 @@ impl Hub {
         };
         let info = p.info();
         tracing::info!(participant = %info.id, %room, name = %info.name, "joined");
+        let webhook = WebhookEvent::ParticipantJoined {
+            room: room.clone(),
+            participant: p.identity.clone(),
+            name: p.name.clone(),
+        };
         self.participants.insert(id, p);
         self.by_token.insert(token.clone(), id);
         self.conns.insert(conn, Some(id));
+        if !self.rooms.contains_key(&room) {
+            self.out.push(Output::Webhook(WebhookEvent::RoomStarted {
+                room: room.clone(),
+            }));
+        }
+        self.out.push(Output::Webhook(webhook));
         self.rooms.entry(room.clone()).or_default().push(id);
         self.send(
             id,
@@ -539,10 +599,19 @@ impl Hub {
         if let Some(conn) = p.conn {
             self.conns.insert(conn, None);
         }
+        self.out
+            .push(Output::Webhook(WebhookEvent::ParticipantLeft {
+                room: p.room.clone(),
+                participant: p.identity.clone(),
+                name: p.name.clone(),
+            }));
         if let Some(members) = self.rooms.get_mut(&p.room) {
             members.retain(|m| *m != pid);
             if members.is_empty() {
                 self.rooms.remove(&p.room);
+                self.out.push(Output::Webhook(WebhookEvent::RoomFinished {
+                    room: p.room.clone(),
+                }));
             }
         }
         self.out.push(Output::Media(MediaCommand::Close {

@@ -11,6 +11,7 @@ struct TestHub {
     frames: HashMap<ConnId, Vec<ServerFrame>>,
     closed: Vec<(ConnId, &'static str)>,
     media: Vec<MediaCommand>,
+    webhooks: Vec<crate::webhook::WebhookEvent>,
 }
 
 impl TestHub {
@@ -25,6 +26,7 @@ impl TestHub {
                 max_participants,
                 resume_window: Duration::from_secs(30),
                 last_n: None,
+                auth: crate::auth::Auth::default(),
             },
             tokens,
         );
@@ -37,6 +39,7 @@ impl TestHub {
             frames: HashMap::new(),
             closed: Vec::new(),
             media: Vec::new(),
+            webhooks: Vec::new(),
         }
     }
 
@@ -77,6 +80,7 @@ impl TestHub {
                 Output::Send(conn, frame) => self.frames.entry(conn).or_default().push(frame),
                 Output::Close(conn, why) => self.closed.push((conn, why)),
                 Output::Media(cmd) => self.media.push(cmd),
+                Output::Webhook(ev) => self.webhooks.push(ev),
             }
         }
     }
@@ -429,6 +433,8 @@ fn offer_and_answer_go_to_the_media_plane() {
                 stream_id: "p2".into(),
                 sdp: "v=0 offer".into(),
                 screen_mids: vec![],
+                can_publish: true,
+                can_subscribe: true,
             },
             MediaCommand::Answer {
                 session: SessionId(2),
@@ -1106,6 +1112,8 @@ fn screen_tracks_and_views_reach_the_media_plane() {
                 stream_id: "p2".into(),
                 sdp: "v=0".into(),
                 screen_mids: vec!["2".into()],
+                can_publish: true,
+                can_subscribe: true,
             },
             MediaCommand::View {
                 session: SessionId(1),
@@ -1162,4 +1170,65 @@ fn media_plane_layer_events_reach_the_right_clients() {
             ServerMsg::DominantSpeaker { id: "p1".into() },
         ]
     );
+}
+
+#[test]
+fn webhook_events_follow_rooms_and_participants() {
+    use crate::webhook::WebhookEvent as W;
+    let mut t = TestHub::new(None);
+    let (a, _, _) = t.join("demo", "Ada");
+    let (b, _, _) = t.join("demo", "Bob");
+    t.send(a, r#"{"seq":2,"type":"leave"}"#);
+    t.send(b, r#"{"seq":2,"type":"leave"}"#);
+    let room = || "demo".to_string();
+    let p = |id: &str, name: &str| (id.to_string(), name.to_string());
+    let (ada, bob) = (p("Ada", "Ada"), p("Bob", "Bob"));
+    assert_eq!(
+        t.webhooks,
+        vec![
+            W::RoomStarted { room: room() },
+            W::ParticipantJoined {
+                room: room(),
+                participant: ada.0.clone(),
+                name: ada.1.clone()
+            },
+            W::ParticipantJoined {
+                room: room(),
+                participant: bob.0.clone(),
+                name: bob.1.clone()
+            },
+            W::ParticipantLeft {
+                room: room(),
+                participant: ada.0,
+                name: ada.1
+            },
+            W::ParticipantLeft {
+                room: room(),
+                participant: bob.0,
+                name: bob.1
+            },
+            W::RoomFinished { room: room() },
+        ]
+    );
+}
+
+#[test]
+fn draining_refuses_new_rooms_but_not_existing_ones() {
+    let mut t = TestHub::new(None);
+    let (a, _, _) = t.join("live", "Ada");
+    t.hub.start_draining();
+    let c = t.open();
+    t.send(c, r#"{"seq":1,"type":"join","room":"new","name":"Cy"}"#);
+    assert!(matches!(
+        t.take_msgs(c).as_slice(),
+        [ServerMsg::Error {
+            code: ErrorCode::Draining,
+            ..
+        }]
+    ));
+    let (_, _, _) = t.join("live", "Bob");
+    assert!(matches!(
+        t.take_msgs(a).as_slice(),
+        [ServerMsg::ParticipantJoined { .. }]
+    ));
 }

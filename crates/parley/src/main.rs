@@ -1,11 +1,15 @@
 //! Parley: self-hosted voice and video calls.
 
+mod auth;
 mod config;
 mod hub;
 mod media;
+mod metrics;
 mod server;
 mod tls;
+mod webhook;
 
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -25,6 +29,45 @@ struct Cli {
 enum Command {
     /// Run Parley: web client, signaling and the SFU in one process.
     Serve(ServeArgs),
+    /// Mint an access token (JWT, HS256) for a room and an identity.
+    Token(TokenArgs),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (file < environment < flags), secrets masked.
+    Print(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The room the token admits to.
+    #[arg(long)]
+    room: String,
+    /// The user's identity.
+    #[arg(long)]
+    identity: String,
+    /// Display name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Allow publishing (sending audio/video). Without --publish or --subscribe both are allowed.
+    #[arg(long)]
+    publish: bool,
+    /// Allow subscribing (receiving others' audio/video).
+    #[arg(long)]
+    subscribe: bool,
+    /// Lifetime, like 90s, 15m, 1h, 2d.
+    #[arg(long, default_value = "1h", value_parser = auth::parse_ttl)]
+    ttl: std::time::Duration,
+    /// API key to sign with (default: the first configured).
+    #[arg(long)]
+    key: Option<String>,
+    /// Config file and overrides, to find the API keys.
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(clap::Args)]
@@ -68,6 +111,25 @@ struct ServeArgs {
     /// Signaling messages per second before a client is cut off [default: 50].
     #[arg(long, env = "PARLEY_MAX_MESSAGES_PER_SEC")]
     max_messages_per_sec: Option<u32>,
+    /// API key and secret as KEY:SECRET (repeatable, or comma-separated in the environment).
+    #[arg(long = "api-key", env = "PARLEY_API_KEYS", value_delimiter = ',')]
+    api_keys: Option<Vec<String>>,
+    /// Separate address for /metrics and the admin API.
+    #[arg(long, env = "PARLEY_ADMIN_HTTP")]
+    admin_http: Option<SocketAddr>,
+    /// Seconds calls may go on after a drain starts [default: 18000].
+    #[arg(long, env = "PARLEY_DRAIN_GRACE_SECS")]
+    drain_grace_secs: Option<u64>,
+    /// Webhook URL (repeatable, or comma-separated in the environment).
+    #[arg(
+        long = "webhook-url",
+        env = "PARLEY_WEBHOOK_URLS",
+        value_delimiter = ','
+    )]
+    webhook_urls: Option<Vec<String>>,
+    /// Secret of the webhook signatures.
+    #[arg(long, env = "PARLEY_WEBHOOK_SECRET")]
+    webhook_secret: Option<String>,
 }
 
 impl ServeArgs {
@@ -110,6 +172,27 @@ impl ServeArgs {
         if let Some(v) = self.max_messages_per_sec {
             c.max_messages_per_sec = v;
         }
+        if let Some(pairs) = self.api_keys {
+            c.api_keys.clear();
+            for pair in pairs {
+                let Some((key, secret)) = pair.split_once(':') else {
+                    anyhow::bail!("api_keys: {pair:?} is not KEY:SECRET");
+                };
+                c.api_keys.insert(key.to_string(), secret.to_string());
+            }
+        }
+        if self.admin_http.is_some() {
+            c.admin_http = self.admin_http;
+        }
+        if let Some(v) = self.drain_grace_secs {
+            c.drain_grace_secs = v;
+        }
+        if let Some(v) = self.webhook_urls {
+            c.webhook_urls = v;
+        }
+        if self.webhook_secret.is_some() {
+            c.webhook_secret = self.webhook_secret;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -126,6 +209,44 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Config(ConfigCommand::Print(args)) => {
+            let config = args.into_config()?;
+            std::io::stdout().write_all(config.to_masked_toml()?.as_bytes())?;
+            Ok(())
+        }
+        Command::Token(args) => {
+            let config = args.serve.into_config()?;
+            let (key, secret) = match &args.key {
+                Some(k) => (
+                    k.clone(),
+                    config
+                        .api_keys
+                        .get(k)
+                        .with_context(|| format!("no API key {k:?} is configured"))?
+                        .clone(),
+                ),
+                None => config
+                    .api_keys
+                    .iter()
+                    .next()
+                    .map(|(k, s)| (k.clone(), s.clone()))
+                    .context(
+                        "no API keys are configured (api_keys, PARLEY_API_KEYS or --api-key)",
+                    )?,
+            };
+            let both = !args.publish && !args.subscribe;
+            let grant = auth::Grant {
+                room: &args.room,
+                identity: &args.identity,
+                name: args.name.as_deref(),
+                publish: both || args.publish,
+                subscribe: both || args.subscribe,
+                ttl: args.ttl,
+            };
+            parley_proto::signal::validate_room_name(&args.room).map_err(anyhow::Error::msg)?;
+            writeln!(std::io::stdout(), "{}", auth::mint(&key, &secret, &grant)?)?;
+            Ok(())
+        }
         Command::Serve(args) => {
             let config = args.into_config()?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -133,11 +254,13 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("starting the runtime")?;
             rt.block_on(async move {
+                let metrics = std::sync::Arc::new(metrics::Metrics::new());
                 let media = media::start(
                     SocketAddr::new(config.rtc_bind, config.rtc_port),
                     &config.public_ip,
+                    metrics.clone(),
                 )?;
-                server::run(config, media).await
+                server::run(config, media, metrics).await
             })
         }
     }

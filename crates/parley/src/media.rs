@@ -5,6 +5,8 @@ use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use parley_proto::media::{MediaCommand, MediaEvent};
 use parley_sfu::{Sfu, SfuConfig};
@@ -14,6 +16,8 @@ use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+use crate::metrics::Metrics;
+
 /// Handle to a running media plane.
 pub struct MediaPlane {
     pub commands: mpsc::UnboundedSender<MediaCommand>,
@@ -21,7 +25,11 @@ pub struct MediaPlane {
 }
 
 /// Binds the media port and starts the media plane on its own thread.
-pub fn start(bind: SocketAddr, public_ips: &[IpAddr]) -> anyhow::Result<MediaPlane> {
+pub fn start(
+    bind: SocketAddr,
+    public_ips: &[IpAddr],
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<MediaPlane> {
     let std_sock = std::net::UdpSocket::bind(bind)
         .with_context(|| format!("binding the media port {bind} (UDP)"))?;
     std_sock.set_nonblocking(true)?;
@@ -78,6 +86,7 @@ pub fn start(bind: SocketAddr, public_ips: &[IpAddr]) -> anyhow::Result<MediaPla
                     candidates: driver_candidates,
                     local_addr,
                     events: ev_tx,
+                    metrics,
                 };
                 driver.run(cmd_rx).await;
             });
@@ -116,6 +125,7 @@ struct Driver {
     local_ips: Vec<IpAddr>,
     local_addr: SocketAddr,
     events: mpsc::UnboundedSender<MediaEvent>,
+    metrics: Arc<Metrics>,
 }
 
 const BATCH: usize = 32;
@@ -125,6 +135,7 @@ impl Driver {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<MediaCommand>) {
         let mut bufs = vec![[0u8; BUF]; BATCH];
         let mut metas = vec![RecvMeta::default(); BATCH];
+        let mut export = tokio::time::interval(Duration::from_secs(1));
         loop {
             let timeout = self
                 .sfu
@@ -144,6 +155,11 @@ impl Driver {
                 }
                 _ = tokio::time::sleep_until(timeout.into()) => {
                     self.sfu.handle_timeout(Instant::now());
+                }
+                _ = export.tick() => {
+                    let samples = self.sfu.drain_samples();
+                    self.metrics
+                        .export_media(self.sfu.session_count(), self.sfu.stats(), &samples);
                 }
             }
             self.flush().await;

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -11,21 +11,25 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use parley_proto::signal::{ClientFrame, ErrorCode, FrameError};
+use axum::routing::{get, post};
+use parley_proto::signal::{ClientFrame, ErrorCode, FrameError, ServerMsg};
 use tokio::sync::mpsc;
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::hub::{ConnId, Hub, HubConfig, Output};
 use crate::media::MediaPlane;
+use crate::metrics::Metrics;
+use crate::webhook::{WebhookConfig, Webhooks};
 
-/// Messages from connection tasks to the hub task.
+/// Messages from connection tasks (and the admin side) to the hub task.
 enum HubIn {
     Open(ConnId, mpsc::Sender<Outbound>),
     Frame(ConnId, ClientFrame),
     Bad(ConnId, FrameError),
     Refuse(ConnId, ErrorCode, String),
     Closed(ConnId),
+    Drain,
 }
 
 /// Messages from the hub task to one connection task.
@@ -39,6 +43,10 @@ struct AppState {
     hub: mpsc::UnboundedSender<HubIn>,
     next_conn: Arc<AtomicU64>,
     limits: Limits,
+    metrics: Arc<Metrics>,
+    draining: Arc<AtomicBool>,
+    auth: Arc<Auth>,
+    drain_requested: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Clone, Copy)]
@@ -53,44 +61,113 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Queue depth towards one client; a client this far behind is cut off (it can resume).
 const CONN_QUEUE: usize = 1024;
 
-pub async fn run(config: Config, media: MediaPlane) -> anyhow::Result<()> {
+pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let auth = Auth::new(config.api_keys.clone());
+    if auth.is_open() {
+        tracing::warn!(
+            "no API keys configured: open mode, anyone who can reach this server can join any room"
+        );
+    }
+    let webhooks = match (&config.webhook_urls[..], &config.webhook_secret) {
+        ([], _) => None,
+        (urls, Some(secret)) => {
+            let wc = WebhookConfig {
+                urls: urls.to_vec(),
+                secret: secret.clone(),
+                ..WebhookConfig::default()
+            };
+            wc.validate().context("webhook_urls")?;
+            Some(Webhooks::start(wc))
+        }
+        (_, None) => anyhow::bail!("webhook_secret: required when webhook_urls are set"),
+    };
     let (hub_tx, hub_rx) = mpsc::unbounded_channel();
     let hub = Hub::new(
         HubConfig {
             max_participants: config.max_participants,
             resume_window: Duration::from_secs(config.resume_window_secs),
             last_n: config.last_n,
+            auth: auth.clone(),
         },
         Box::new(random_token),
     );
-    tokio::spawn(hub_loop(hub, hub_rx, media));
+    let handle = axum_server::Handle::new();
+    let drained = Arc::new(tokio::sync::Notify::new());
+    let draining = Arc::new(AtomicBool::new(false));
+    tokio::spawn(hub_loop(
+        hub,
+        hub_rx,
+        media,
+        HubSide {
+            metrics: metrics.clone(),
+            webhooks,
+            drained: drained.clone(),
+            draining: draining.clone(),
+        },
+    ));
 
     let state = AppState {
-        hub: hub_tx,
+        hub: hub_tx.clone(),
         next_conn: Arc::new(AtomicU64::new(1)),
         limits: Limits {
             max_message_bytes: config.max_message_bytes,
             max_messages_per_sec: config.max_messages_per_sec,
         },
+        metrics: metrics.clone(),
+        draining: draining.clone(),
+        auth: Arc::new(auth),
+        drain_requested: Arc::new(tokio::sync::Notify::new()),
     };
-    let app = Router::new()
+    let drain_requested = state.drain_requested.clone();
+    let admin = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/admin/drain", post(admin_drain))
+        .with_state(state.clone());
+    let mut app = Router::new()
         .route("/", get(index))
         .route("/r/{room}", get(index))
         .route("/app/{file}", get(app_asset))
         .route("/sdk/{file}", get(sdk_asset))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/ws", get(ws_upgrade))
-        .with_state(state);
+        .with_state(state.clone());
+    match config.admin_http {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin_http {addr}"))?;
+            tracing::info!(%addr, "metrics and admin API");
+            tokio::spawn(async move {
+                if let Err(err) = axum::serve(listener, admin).await {
+                    tracing::error!(%err, "admin server failed");
+                }
+            });
+        }
+        None => app = app.merge(admin),
+    }
+
+    // Drain on the first SIGTERM (or Ctrl-C), exit on the second, on the grace period's end,
+    // or once the last call has ended.
+    let grace = Duration::from_secs(config.drain_grace_secs);
+    let shutdown = handle.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = drain_requested.notified() => {}
+        }
+        tracing::info!(?grace, "draining: no new rooms; existing calls go on");
+        let _ = hub_tx.send(HubIn::Drain);
+        tokio::select! {
+            _ = shutdown_signal() => tracing::info!("second signal: exiting now"),
+            _ = tokio::time::sleep(grace) => tracing::info!("drain grace period over: exiting"),
+            _ = drained.notified() => tracing::info!("drained: the last call has ended"),
+        }
+        shutdown.graceful_shutdown(Some(Duration::from_secs(1)));
+    });
 
     let addr: SocketAddr = config.http;
     let tls = crate::tls::load(&config).await?;
-    let handle = axum_server::Handle::new();
-    let shutdown = handle.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        shutdown.graceful_shutdown(Some(Duration::from_secs(2)));
-    });
     let scheme = if tls.is_some() { "https" } else { "http" };
     let std_listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("binding the HTTP address {addr}"))?;
@@ -126,26 +203,26 @@ fn display_addr(addr: SocketAddr) -> String {
     }
 }
 
+/// Resolves at the next SIGTERM or Ctrl-C.
 async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 Ok(s) => s,
                 Err(_) => {
-                    let _ = ctrl_c.await;
+                    let _ = tokio::signal::ctrl_c().await;
                     return;
                 }
             };
         tokio::select! {
-            _ = ctrl_c => {}
+            _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -156,10 +233,62 @@ fn random_token() -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-async fn hub_loop(mut hub: Hub, mut rx: mpsc::UnboundedReceiver<HubIn>, mut media: MediaPlane) {
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `POST /admin/drain`: with API keys configured, `Authorization: Bearer <an API secret>`.
+async fn admin_drain(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    if !state.auth.is_open() {
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !bearer.is_some_and(|b| state.auth.is_secret(b)) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                "an API secret is required: Authorization: Bearer <secret>\n",
+            )
+                .into_response();
+        }
+    }
+    state.drain_requested.notify_one();
+    (StatusCode::ACCEPTED, "draining\n").into_response()
+}
+
+/// What the hub loop needs besides the hub and the media plane.
+struct HubSide {
+    metrics: Arc<Metrics>,
+    webhooks: Option<Webhooks>,
+    drained: Arc<tokio::sync::Notify>,
+    draining: Arc<AtomicBool>,
+}
+
+async fn hub_loop(
+    mut hub: Hub,
+    mut rx: mpsc::UnboundedReceiver<HubIn>,
+    mut media: MediaPlane,
+    side: HubSide,
+) {
     let mut conns: std::collections::HashMap<ConnId, mpsc::Sender<Outbound>> =
         std::collections::HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut draining = false;
     loop {
         tokio::select! {
             msg = rx.recv() => {
@@ -177,6 +306,12 @@ async fn hub_loop(mut hub: Hub, mut rx: mpsc::UnboundedReceiver<HubIn>, mut medi
                         conns.remove(&conn);
                         hub.connection_closed(conn, now);
                     }
+                    HubIn::Drain => {
+                        draining = true;
+                        side.draining.store(true, Ordering::Relaxed);
+                        side.metrics.draining.set(1);
+                        hub.start_draining();
+                    }
                 }
             }
             ev = media.events.recv() => {
@@ -193,6 +328,10 @@ async fn hub_loop(mut hub: Hub, mut rx: mpsc::UnboundedReceiver<HubIn>, mut medi
             match out {
                 Output::Send(conn, frame) => {
                     let Some(tx) = conns.get(&conn) else { continue };
+                    if let ServerMsg::Error { code, .. } = &frame.msg {
+                        side.metrics
+                            .error(&format!("signal_{}", error_code_name(*code)));
+                    }
                     let text = match serde_json::to_string(&frame) {
                         Ok(t) => t,
                         Err(err) => {
@@ -216,9 +355,28 @@ async fn hub_loop(mut hub: Hub, mut rx: mpsc::UnboundedReceiver<HubIn>, mut medi
                         tracing::error!("media plane is gone");
                     }
                 }
+                Output::Webhook(ev) => {
+                    if let Some(w) = &side.webhooks {
+                        w.send(ev);
+                    }
+                }
             }
         }
+        side.metrics.rooms_active.set(hub.room_count() as i64);
+        side.metrics
+            .participants_active
+            .set(hub.participant_count() as i64);
+        if draining && hub.participant_count() == 0 {
+            side.drained.notify_one();
+        }
     }
+}
+
+fn error_code_name(code: ErrorCode) -> String {
+    serde_json::to_value(code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 async fn ws_upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
@@ -239,6 +397,7 @@ async fn connection(mut socket: WebSocket, state: AppState) {
     if state.hub.send(HubIn::Open(conn, tx)).is_err() {
         return;
     }
+    state.metrics.ws_connections_active.inc();
     let limits = state.limits;
     let mut bucket = TokenBucket::new(limits.max_messages_per_sec, Instant::now());
     let idle = tokio::time::sleep(IDLE_TIMEOUT);
@@ -268,6 +427,9 @@ async fn connection(mut socket: WebSocket, state: AppState) {
                     None => break,
                 };
                 idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+                if matches!(msg, Message::Text(_) | Message::Binary(_)) {
+                    state.metrics.ws_message("in");
+                }
                 if matches!(msg, Message::Text(_) | Message::Binary(_)) && !bucket.take(Instant::now()) {
                     let refuse = HubIn::Refuse(conn, ErrorCode::RateLimited, format!(
                         "more than {} messages per second; disconnected", limits.max_messages_per_sec));
@@ -300,6 +462,7 @@ async fn connection(mut socket: WebSocket, state: AppState) {
             out = rx.recv() => {
                 match out {
                     Some(Outbound::Text(t)) => {
+                        state.metrics.ws_message("out");
                         if socket.send(Message::Text(t.into())).await.is_err() {
                             break;
                         }
@@ -317,6 +480,7 @@ async fn connection(mut socket: WebSocket, state: AppState) {
         }
     }
     let _ = state.hub.send(HubIn::Closed(conn));
+    state.metrics.ws_connections_active.dec();
 }
 
 /// Sends what the hub queued for a refused connection, until its close arrives.

@@ -36,6 +36,10 @@ pub struct TileView {
     pub height: u32,
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// Signaling plane → media plane.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -51,6 +55,11 @@ pub enum MediaCommand {
         /// Mids of the offer that carry a screen share.
         #[serde(default)]
         screen_mids: Vec<String>,
+        /// The participant may send media / receive the others' (from its access token).
+        #[serde(default = "yes")]
+        can_publish: bool,
+        #[serde(default = "yes")]
+        can_subscribe: bool,
     },
     /// What the participant shows; videos not listed are not sent to it.
     View {

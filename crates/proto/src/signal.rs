@@ -21,6 +21,9 @@ pub enum ClientMsg {
     Join {
         room: String,
         name: String,
+        /// Access token, required when Parley has API keys configured.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     Offer {
         sdp: String,
@@ -181,6 +184,8 @@ pub enum ErrorCode {
     AlreadyJoined,
     SdpRejected,
     RateLimited,
+    Unauthorized,
+    Draining,
     Internal,
 }
 
@@ -264,7 +269,8 @@ mod tests {
             f.msg,
             ClientMsg::Join {
                 room: "demo".into(),
-                name: "Ada".into()
+                name: "Ada".into(),
+                token: None,
             }
         );
     }

@@ -15,6 +15,7 @@ mod alloc;
 mod munger;
 mod session;
 mod speaking;
+mod stats;
 mod vp8;
 
 use std::cmp::Reverse;
@@ -35,6 +36,7 @@ use alloc::{Choice, Demand, LayerInfo};
 use session::{Incoming, Pause, Session, TrackOut, TrackOutMid};
 use speaking::DominantSpeaker;
 
+pub use stats::{AUDIO, ICE_STATES, Sample, SfuStats, VIDEO};
 pub use str0m::net::Transmit;
 
 /// Static settings of the media plane.
@@ -60,6 +62,15 @@ pub struct Sfu {
     dominant: HashMap<String, DominantSpeaker>,
     /// When layer selection, dynacast and speaker detection run next.
     next_tick: Option<Instant>,
+    stats: SfuStats,
+    samples: Vec<Sample>,
+}
+
+/// What a participant's access token allows.
+#[derive(Debug, Clone, Copy)]
+struct Grants {
+    publish: bool,
+    subscribe: bool,
 }
 
 /// How often layers are chosen, publishers' layers paused or resumed, and speakers ranked.
@@ -88,12 +99,24 @@ impl Sfu {
             to_drive: Vec::new(),
             dominant: HashMap::new(),
             next_tick: None,
+            stats: SfuStats::default(),
+            samples: Vec::new(),
         }
     }
 
     /// Number of live sessions.
     pub fn session_count(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> &SfuStats {
+        &self.stats
+    }
+
+    /// RTCP readings gathered since the last call.
+    pub fn drain_samples(&mut self) -> Vec<Sample> {
+        std::mem::take(&mut self.samples)
     }
 
     /// A command from the signaling plane.
@@ -105,7 +128,15 @@ impl Sfu {
                 stream_id,
                 sdp,
                 screen_mids,
-            } => self.handle_offer(session, room, stream_id, &sdp, &screen_mids, now),
+                can_publish,
+                can_subscribe,
+            } => {
+                let grants = Grants {
+                    publish: can_publish,
+                    subscribe: can_subscribe,
+                };
+                self.handle_offer(session, room, stream_id, &sdp, &screen_mids, grants, now)
+            }
             MediaCommand::View { session, tiles } => {
                 if let Some(s) = self.sessions.get_mut(&session) {
                     s.view = Some(
@@ -134,6 +165,7 @@ impl Sfu {
     ) {
         let Some(sid) = self.route(source, data) else {
             tracing::trace!(%source, len = data.len(), "datagram for no session");
+            self.stats.datagrams_unrouted += 1;
             return;
         };
         let Ok(contents) = data.try_into() else {
@@ -154,6 +186,7 @@ impl Sfu {
         );
         if let Err(err) = session.rtc.handle_input(input) {
             tracing::debug!(session = %sid, %err, "input refused");
+            self.stats.inputs_refused += 1;
         }
         self.to_drive.push(sid);
         self.drive_all(now);
@@ -208,7 +241,11 @@ impl Sfu {
     }
 
     pub fn poll_event(&mut self) -> Option<MediaEvent> {
-        self.events.pop_front()
+        let ev = self.events.pop_front()?;
+        if matches!(ev, MediaEvent::SdpRejected { .. }) {
+            self.stats.sdp_rejected += 1;
+        }
+        Some(ev)
     }
 
     fn route(&mut self, source: SocketAddr, data: &[u8]) -> Option<SessionId> {
@@ -236,6 +273,8 @@ impl Sfu {
         self.by_addr.get(&source).copied()
     }
 
+    // The fields of `MediaCommand::Offer`, taken apart.
+    #[allow(clippy::too_many_arguments)]
     fn handle_offer(
         &mut self,
         sid: SessionId,
@@ -243,6 +282,7 @@ impl Sfu {
         stream_id: String,
         sdp: &str,
         screen_mids: &[String],
+        grants: Grants,
         now: Instant,
     ) {
         let offer = match str0m::change::SdpOffer::from_sdp_string(sdp) {
@@ -258,6 +298,8 @@ impl Sfu {
 
         if !self.sessions.contains_key(&sid) {
             let mut session = Session::new(sid, room.clone(), stream_id, now);
+            session.can_publish = grants.publish;
+            session.can_subscribe = grants.subscribe;
             for addr in &self.config.candidates {
                 match str0m::Candidate::host(*addr, "udp") {
                     Ok(c) => {
@@ -268,7 +310,7 @@ impl Sfu {
             }
             // Subscribe the newcomer to every track already published in the room.
             let members = self.rooms.entry(room).or_default();
-            for other in members.iter() {
+            for other in members.iter().filter(|_| grants.subscribe) {
                 if let Some(o) = self.sessions.get(other) {
                     for t in &o.tracks_in {
                         session.tracks_out.push(TrackOut::new(
@@ -390,7 +432,13 @@ impl Sfu {
             let Some(session) = self.sessions.get_mut(&sid) else {
                 continue;
             };
-            let out = session.poll(now, &mut self.transmits, &mut self.events);
+            let out = session.poll(
+                now,
+                &mut self.transmits,
+                &mut self.events,
+                &mut self.stats,
+                &mut self.samples,
+            );
             if session.next_timeout != out.timeout {
                 session.next_timeout = out.timeout;
                 self.timers.push(Reverse((out.timeout, sid)));
@@ -439,7 +487,7 @@ impl Sfu {
             return;
         };
         for m in members.iter().filter(|m| **m != sid) {
-            if let Some(other) = self.sessions.get_mut(m) {
+            if let Some(other) = self.sessions.get_mut(m).filter(|o| o.can_subscribe) {
                 other
                     .tracks_out
                     .push(TrackOut::new(sid, mid, kind, source, &stream_id));
@@ -521,7 +569,7 @@ impl Sfu {
             let Some(sub) = self.sessions.get_mut(m) else {
                 continue;
             };
-            if sub.write(&incoming, now) {
+            if sub.write(&incoming, now, &mut self.stats) {
                 self.to_drive.push(*m);
             }
             if !sub.keyframes_wanted.is_empty() {

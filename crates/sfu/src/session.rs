@@ -16,6 +16,7 @@ use crate::Transmit;
 use crate::alloc::Want;
 use crate::munger::Munger;
 use crate::speaking::SpeakingDetector;
+use crate::stats::{AUDIO, ICE_STATES, Sample, SfuStats, VIDEO};
 
 /// Video waiting longer than this in a subscriber's send queue means its link is overloaded.
 const MAX_BACKLOG: Duration = Duration::from_millis(300);
@@ -50,6 +51,9 @@ pub(crate) struct Session {
     speaking: SpeakingDetector,
     /// Keyframes this subscriber needs from publishers: (publisher, mid, rid).
     pub keyframes_wanted: Vec<(SessionId, Mid, Option<Rid>)>,
+    /// The participant may send media to the others / receive theirs.
+    pub can_publish: bool,
+    pub can_subscribe: bool,
     /// The padding floor and probing goal last given to the bandwidth estimator.
     pub bwe_asked: Option<(u64, u64)>,
     /// When the estimator was last asked to probe for more while starved.
@@ -261,6 +265,33 @@ pub(crate) struct PollOut {
     pub packets: Vec<(Mid, RtpPacket)>,
 }
 
+/// Turns one RTCP-derived reading into histogram samples (jitter from RTP clock units).
+fn push_samples(
+    samples: &mut Vec<Sample>,
+    loss: Option<f32>,
+    rtt: Option<Duration>,
+    jitter: Option<u32>,
+    kind: Option<MediaKind>,
+) {
+    if samples.len() > 10_000 {
+        return; // Nobody is draining: do not grow without bound.
+    }
+    if let Some(l) = loss {
+        samples.push(Sample::Loss(f64::from(l)));
+    }
+    if let Some(r) = rtt {
+        samples.push(Sample::Rtt(r));
+    }
+    if let (Some(j), Some(kind)) = (jitter, kind) {
+        let clock = if kind == MediaKind::Audio {
+            48_000.0
+        } else {
+            90_000.0
+        };
+        samples.push(Sample::Jitter(f64::from(j) / clock));
+    }
+}
+
 /// The header extension values that describe the media itself. The publisher's MID and RID
 /// are its own (the subscriber's m-line is another), and transport-wide sequence numbers and
 /// send times belong to each hop.
@@ -299,6 +330,7 @@ impl Session {
             .enable_opus(true, true)
             .enable_vp8(true)
             .enable_bwe(Some(Bitrate::kbps(1_000)))
+            .set_stats_interval(Some(Duration::from_secs(5)))
             .build(now);
         Session {
             id,
@@ -318,6 +350,8 @@ impl Session {
             connected: false,
             speaking: SpeakingDetector::default(),
             keyframes_wanted: Vec::new(),
+            can_publish: true,
+            can_subscribe: true,
             bwe_asked: None,
             last_probe: None,
         }
@@ -360,7 +394,10 @@ impl Session {
                 continue;
             };
             let kind = media.kind();
-            if media.direction().is_receiving() && !self.tracks_in.iter().any(|t| t.mid == *mid) {
+            if self.can_publish
+                && media.direction().is_receiving()
+                && !self.tracks_in.iter().any(|t| t.mid == *mid)
+            {
                 tracing::debug!(session = %self.id, %mid, ?kind, "track published");
                 let source = self.source_of(*mid, kind);
                 self.tracks_in.push(TrackIn::new(*mid, kind, source));
@@ -488,6 +525,8 @@ impl Session {
         now: Instant,
         transmits: &mut VecDeque<Transmit>,
         events: &mut VecDeque<MediaEvent>,
+        stats: &mut SfuStats,
+        samples: &mut Vec<Sample>,
     ) -> PollOut {
         self.maybe_negotiate(events);
         self.send_deferred_keyframes(now, crate::KEYFRAME_THROTTLE);
@@ -514,7 +553,9 @@ impl Session {
                     out.timeout = t;
                     break;
                 }
-                Output::Event(event) => self.handle_event(event, now, events, &mut out),
+                Output::Event(event) => {
+                    self.handle_event(event, now, events, &mut out, stats, samples)
+                }
             }
         }
         out
@@ -526,10 +567,22 @@ impl Session {
         now: Instant,
         events: &mut VecDeque<MediaEvent>,
         out: &mut PollOut,
+        stats: &mut SfuStats,
+        samples: &mut Vec<Sample>,
     ) {
         match event {
             Event::IceConnectionStateChange(state) => {
                 tracing::debug!(session = %self.id, ?state, "ice state");
+                let name = match state {
+                    IceConnectionState::New => "new",
+                    IceConnectionState::Checking => "checking",
+                    IceConnectionState::Connected => "connected",
+                    IceConnectionState::Completed => "completed",
+                    IceConnectionState::Disconnected => "disconnected",
+                };
+                if let Some(i) = ICE_STATES.iter().position(|s| *s == name) {
+                    stats.state_changes[i] += 1;
+                }
                 match state {
                     IceConnectionState::Connected | IceConnectionState::Completed
                         if !self.connected =>
@@ -550,7 +603,9 @@ impl Session {
                 }
             }
             Event::MediaAdded(m)
-                if m.direction.is_receiving() && !self.tracks_in.iter().any(|t| t.mid == m.mid) =>
+                if self.can_publish
+                    && m.direction.is_receiving()
+                    && !self.tracks_in.iter().any(|t| t.mid == m.mid) =>
             {
                 tracing::debug!(session = %self.id, mid = %m.mid, kind = ?m.kind, "track published");
                 let source = self.source_of(m.mid, m.kind);
@@ -585,6 +640,13 @@ impl Session {
                 }
                 let kind = track.kind;
                 track.layer_mut(rid).count(pkt.payload.len(), now);
+                let k = if kind == MediaKind::Audio {
+                    AUDIO
+                } else {
+                    VIDEO
+                };
+                stats.rtp_in_packets[k] += 1;
+                stats.rtp_in_bytes[k] += pkt.payload.len() as u64;
                 if kind == MediaKind::Audio
                     && let Some(level) = pkt.header.ext_vals.audio_level
                 {
@@ -598,6 +660,23 @@ impl Session {
                     }
                 }
                 out.packets.push((mid, pkt));
+            }
+            Event::MediaIngressStats(s) => {
+                let kind = self
+                    .tracks_in
+                    .iter()
+                    .find(|t| t.mid == s.mid)
+                    .map(|t| t.kind);
+                push_samples(samples, s.loss, s.rtt, Some(s.jitter), kind);
+            }
+            Event::MediaEgressStats(s) => {
+                let kind = self
+                    .tracks_out
+                    .iter()
+                    .find(|t| t.state == TrackState::Open(s.mid))
+                    .map(|t| t.kind);
+                let jitter = s.remote.as_ref().map(|r| r.jitter);
+                push_samples(samples, s.loss, s.rtt, jitter, kind);
             }
             Event::KeyframeRequest(req) => {
                 if let Some(t) = self
@@ -616,7 +695,7 @@ impl Session {
 
     /// Writes a packet to this subscriber if it receives that track and layer; switches layer
     /// at a keyframe of the target layer. Returns whether anything was written.
-    pub fn write(&mut self, inc: &Incoming<'_>, now: Instant) -> bool {
+    pub fn write(&mut self, inc: &Incoming<'_>, now: Instant, stats: &mut SfuStats) -> bool {
         if !self.connected {
             return false;
         }
@@ -733,6 +812,13 @@ impl Session {
                 .push((inc.publisher, inc.mid, t.target.flatten()));
             return false;
         }
+        let k = if t.kind == MediaKind::Audio {
+            AUDIO
+        } else {
+            VIDEO
+        };
+        stats.rtp_out_packets[k] += 1;
+        stats.rtp_out_bytes[k] += pkt.payload.len() as u64;
         tx.write_rtp(write);
         true
     }

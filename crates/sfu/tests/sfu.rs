@@ -226,6 +226,8 @@ fn hostile_input_is_refused_and_others_are_untouched() {
                 stream_id: "bob".into(),
                 sdp: sdp.into(),
                 screen_mids: vec![],
+                can_publish: true,
+                can_subscribe: true,
             },
             w.now,
         );

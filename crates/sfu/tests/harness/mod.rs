@@ -298,6 +298,8 @@ impl World {
                 stream_id: name.into(),
                 sdp: offer.to_sdp_string(),
                 screen_mids: vec![],
+                can_publish: true,
+                can_subscribe: true,
             },
             self.now,
         );
@@ -331,6 +333,8 @@ impl World {
             stream_id: p.name.clone(),
             sdp: offer.to_sdp_string(),
             screen_mids: vec![],
+            can_publish: true,
+            can_subscribe: true,
         };
         self.sfu.handle_command(cmd, self.now);
     }

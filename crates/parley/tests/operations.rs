@@ -1,0 +1,387 @@
+//! Running Parley in production, against the real binary: access tokens, config precedence,
+//! metrics, readiness and graceful drain, webhooks.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SECRET: &str = "0123456789abcdef-test-secret";
+
+fn parley(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("parley runs")
+}
+
+fn mint(room: &str, identity: &str, extra: &[&str]) -> String {
+    let key = format!("k1:{SECRET}");
+    let mut args = vec![
+        "token",
+        "--api-key",
+        &key,
+        "--room",
+        room,
+        "--identity",
+        identity,
+    ];
+    args.extend_from_slice(extra);
+    let out = parley(&args, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http(addr, "GET", path, "").await
+}
+
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &str,
+) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!("{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n{headers}\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(REPLY, s.read_to_end(&mut buf))
+        .await
+        .expect("reply in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+async fn join_with(c: &mut Client, room: &str, token: Option<&str>) -> Value {
+    let mut msg = json!({"seq": 1, "type": "join", "room": room, "name": "Guest"});
+    if let Some(t) = token {
+        msg["token"] = json!(t);
+    }
+    c.send(msg).await;
+    c.recv().await
+}
+
+#[tokio::test]
+async fn tokens_admit_their_room_and_refuse_the_rest_clearly() {
+    within_time_limit(async {
+        let key = format!("k1:{SECRET}");
+        let server = Server::start(&["--api-key", &key]).await;
+
+        let mut c = server.client().await;
+        let v = join_with(&mut c, "demo", None).await;
+        assert_eq!((v["code"].as_str(), v["type"].as_str()), (Some("unauthorized"), Some("error")));
+        assert!(v["message"].as_str().is_some_and(|m| m.contains("required")), "{v}");
+
+        let other_room = mint("elsewhere", "ada", &[]);
+        let mut c = server.client().await;
+        let v = join_with(&mut c, "demo", Some(&other_room)).await;
+        assert!(v["message"].as_str().is_some_and(|m| m.contains("elsewhere")), "{v}");
+
+        let good = mint("demo", "ada", &["--name", "Ada Lovelace"]);
+        let (head, rest) = good.rsplit_once('.').expect("a JWT");
+        let forged = format!("{head}.{}", rest.chars().rev().collect::<String>());
+        let mut c = server.client().await;
+        let v = join_with(&mut c, "demo", Some(&forged)).await;
+        assert_eq!(v["code"], "unauthorized", "{v}");
+
+        // Expired an hour ago, properly signed.
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs();
+        let claims = json!({"iss": "k1", "sub": "ada", "room": "demo", "exp": now - 3600, "nbf": now - 7200});
+        let header = jsonwebtoken::Header {
+            kid: Some("k1".into()),
+            ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256)
+        };
+        let expired = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("encode");
+        let mut c = server.client().await;
+        let v = join_with(&mut c, "demo", Some(&expired)).await;
+        assert!(v["message"].as_str().is_some_and(|m| m.contains("expired")), "{v}");
+
+        let mut c = server.client().await;
+        let v = join_with(&mut c, "demo", Some(&good)).await;
+        assert_eq!(v["type"], "joined", "{v}");
+        let mut d = server.client().await;
+        let other = mint("demo", "bob", &[]);
+        let _ = join_with(&mut d, "demo", Some(&other)).await;
+        let seen = c.expect("participant_joined").await;
+        assert_eq!(seen["participant"]["name"], "Guest");
+        let _ = d;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn config_file_env_and_flags_apply_in_that_order() {
+    let dir = std::env::temp_dir().join(format!("parley-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let file = dir.join("parley.toml");
+    std::fs::write(
+        &file,
+        "rtc_port = 1111\nmax_participants = 3\nresume_window_secs = 7\n[api_keys]\nmain = \"a-secret-of-some-length\"\n",
+    )
+    .expect("write config");
+    let f = file.to_string_lossy().to_string();
+    let out = parley(
+        &["config", "print", "--config", &f, "--max-participants", "5"],
+        &[
+            ("PARLEY_RTC_PORT", "2222"),
+            ("PARLEY_MAX_PARTICIPANTS", "4"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("rtc_port = 2222"), "env over file: {text}");
+    assert!(
+        text.contains("max_participants = 5"),
+        "flag over env and file: {text}"
+    );
+    assert!(
+        text.contains("resume_window_secs = 7"),
+        "file over default: {text}"
+    );
+    assert!(
+        !text.contains("a-secret-of-some-length"),
+        "secrets masked: {text}"
+    );
+
+    std::fs::write(&file, "rtc_port = \"eighty\"\n").expect("write config");
+    let out = parley(&["config", "print", "--config", &f], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("rtc_port"), "the wrong key is named: {err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn metrics_and_readiness() {
+    within_time_limit(async {
+        let server = Server::start(&[]).await;
+        let mut c = server.client().await;
+        c.join("m", "Ada").await;
+        let (code, body) = http_get(server.http, "/readyz").await;
+        assert_eq!(code, 200, "{body}");
+        let (code, body) = http_get(server.http, "/metrics").await;
+        assert_eq!(code, 200);
+        for needle in [
+            "parley_participants_active 1",
+            "parley_rooms_active 1",
+            "parley_ws_connections_active 1",
+            "parley_ws_messages_total{direction=\"in\"}",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+        ] {
+            assert!(body.contains(needle), "{needle} missing from:\n{body}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn drain_keeps_calls_refuses_new_rooms_and_exits_when_done() {
+    within_time_limit(async {
+        let mut server = Server::start(&[]).await;
+        let mut a = server.client().await;
+        a.join("ongoing", "Ada").await;
+        let pid = server.child.id().to_string();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        // Readiness turns false.
+        let deadline = tokio::time::Instant::now() + REPLY;
+        loop {
+            let (code, _) = http_get(server.http, "/readyz").await;
+            if code == 503 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz still {code}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A new room is refused with a clear error; the existing room takes a newcomer.
+        let mut b = server.client().await;
+        let v = join_with(&mut b, "fresh", None).await;
+        assert_eq!(v["code"], "draining", "{v}");
+        let mut c = server.client().await;
+        let v = join_with(&mut c, "ongoing", None).await;
+        assert_eq!(v["type"], "joined", "{v}");
+        let seen = a.expect("participant_joined").await;
+        assert_eq!(seen["participant"]["name"], "Guest");
+        // When the last participant leaves, Parley exits by itself.
+        a.send(json!({"seq": 2, "type": "leave"})).await;
+        c.send(json!({"seq": 2, "type": "leave"})).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = server.child.try_wait().expect("status") {
+                assert!(status.success(), "exit status {status}");
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "parley did not exit after the drain"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_second_sigterm_exits_at_once() {
+    within_time_limit(async {
+        let mut server = Server::start(&[]).await;
+        let mut a = server.client().await;
+        a.join("busy", "Ada").await;
+        let pid = server.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            server.child.try_wait().expect("status").is_none(),
+            "the call is still on"
+        );
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while server.child.try_wait().expect("status").is_none() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no exit after the second SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+/// A minimal HTTP receiver: records (headers, body) of every POST and answers 200.
+async fn receiver() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            let _ = tx.send((head.to_string(), body[..len].to_string()));
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn webhooks_report_rooms_and_participants_signed_and_in_order() {
+    within_time_limit(async {
+        let (addr, mut rx) = receiver().await;
+        let url = format!("http://{addr}/hook");
+        let server = Server::start(&["--webhook-url", &url, "--webhook-secret", SECRET]).await;
+        let mut a = server.client().await;
+        a.join("hooks", "Ada").await;
+        a.send(json!({"seq": 2, "type": "leave"})).await;
+        let mut events = Vec::new();
+        while events.len() < 4 {
+            let (head, body) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("a webhook in time")
+                .expect("receiver alive");
+            let sig = head
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("x-parley-signature: ")
+                        .or_else(|| l.strip_prefix("X-Parley-Signature: "))
+                })
+                .expect("signature header")
+                .trim()
+                .to_string();
+            let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, SECRET.as_bytes());
+            let tag = aws_lc_rs::hmac::sign(&key, body.as_bytes());
+            let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(sig, format!("sha256={hex}"), "signature of {body}");
+            let v: Value = serde_json::from_str(&body).expect("JSON body");
+            events.push(v["event"].as_str().unwrap_or("?").to_string());
+        }
+        assert_eq!(
+            events,
+            [
+                "room_started",
+                "participant_joined",
+                "participant_left",
+                "room_finished"
+            ]
+        );
+    })
+    .await;
+}

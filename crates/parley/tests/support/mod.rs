@@ -1,0 +1,205 @@
+//! Helpers shared by the tests that run the real `parley` binary.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a reply may take before the test fails.
+pub const REPLY: Duration = Duration::from_secs(5);
+/// How long a whole test may take.
+pub const TEST: Duration = Duration::from_secs(60);
+
+/// A running `parley serve`, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub http: SocketAddr,
+}
+
+impl Server {
+    pub async fn start(extra: &[&str]) -> Server {
+        let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let rtc_port = free_udp_port().to_string();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
+        cmd.args(["serve", "--http", &http.to_string()])
+            .args(["--rtc-port", &rtc_port, "--public-ip", "127.0.0.1"])
+            .args(extra)
+            .env_remove("PARLEY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        // Set PARLEY_TEST_LOG=1 to see the server's log.
+        if std::env::var_os("PARLEY_TEST_LOG").is_none() {
+            cmd.stderr(Stdio::null());
+        }
+        let child = cmd.spawn().expect("the parley binary starts");
+        let mut server = Server { child, http };
+        server.wait_healthy().await;
+        server
+    }
+
+    pub async fn wait_healthy(&mut self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("child status") {
+                panic!("parley exited before it was ready: {status}");
+            }
+            if healthz(self.http).await {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "parley did not answer /healthz within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        let url = format!("ws://{}/ws", self.http);
+        let (ws, _) = tokio::time::timeout(REPLY, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("the WebSocket handshake in time")
+            .expect("the WebSocket handshake succeeds");
+        Client { ws }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_tcp_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a TCP port");
+    l.local_addr().expect("local address").port()
+}
+
+pub fn free_udp_port() -> u16 {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
+    s.local_addr().expect("local address").port()
+}
+
+pub async fn healthz(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return false;
+    };
+    if s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await.is_err() {
+        return false;
+    }
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut reply)).await;
+    reply.starts_with(b"HTTP/1.0 200") || reply.starts_with(b"HTTP/1.1 200")
+}
+
+/// One WebSocket client speaking raw JSON.
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Client {
+    pub async fn send_text(&mut self, text: impl Into<String>) {
+        self.ws
+            .send(Message::Text(text.into().into()))
+            .await
+            .expect("send a frame");
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_text(v.to_string()).await;
+    }
+
+    /// The next JSON frame from Parley; fails on a close or after [`REPLY`].
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(REPLY, self.ws.next())
+                .await
+                .expect("a frame from Parley in time")
+                .expect("the connection is open")
+                .expect("a valid WebSocket frame");
+            match msg {
+                Message::Text(t) => {
+                    return serde_json::from_str(&t).expect("Parley sends JSON");
+                }
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// The next frame, which must be of type `ty`.
+    pub async fn expect(&mut self, ty: &str) -> Value {
+        let v = self.recv().await;
+        assert_eq!(v["type"], ty, "expected {ty}, got {v}");
+        v
+    }
+
+    /// The next frame, which must be an error with `code`.
+    pub async fn expect_error(&mut self, code: &str) -> Value {
+        let v = self.expect("error").await;
+        assert_eq!(v["code"], code, "{v}");
+        assert!(
+            v["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "errors explain themselves: {v}"
+        );
+        v
+    }
+
+    /// Pings and expects the pong as the very next frame: nothing else was pending.
+    pub async fn ping_pong(&mut self) {
+        self.send(json!({"type": "ping"})).await;
+        let v = self.recv().await;
+        assert_eq!(v["type"], "pong", "expected nothing but the pong, got {v}");
+    }
+
+    /// Joins with client seq 1; returns the `joined` frame.
+    pub async fn join(&mut self, room: &str, name: &str) -> Value {
+        self.send(json!({"seq": 1, "type": "join", "room": room, "name": name}))
+            .await;
+        self.expect("joined").await
+    }
+
+    /// Every frame until Parley closes the connection.
+    pub async fn until_closed(&mut self) -> Vec<Value> {
+        let mut frames: Vec<Value> = Vec::new();
+        loop {
+            let Ok(next) = tokio::time::timeout(REPLY, self.ws.next()).await else {
+                let mut counts = std::collections::BTreeMap::new();
+                for f in &frames {
+                    *counts
+                        .entry(format!("{} {}", f["type"], f["code"]))
+                        .or_insert(0) += 1;
+                }
+                panic!("Parley did not close the connection within {REPLY:?}; it sent {counts:?}");
+            };
+            match next {
+                Some(Ok(Message::Text(t))) => {
+                    frames.push(serde_json::from_str(&t).expect("Parley sends JSON"))
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return frames,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+pub fn types(frames: &[Value]) -> Vec<&str> {
+    frames
+        .iter()
+        .map(|f| f["type"].as_str().unwrap_or("?"))
+        .collect()
+}
+
+pub async fn within_time_limit(test: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(TEST, test)
+        .await
+        .expect("the test finishes in time");
+}
