@@ -23,6 +23,11 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
 
+log "deployment files (Helm chart rendered and checked, Grafana dashboard JSON)"
+python3 -c "import yaml" 2>/dev/null || python3 -m pip install -q pyyaml
+python3 deploy/helm/check.py
+python3 -m json.tool deploy/grafana/parley-dashboard.json >/dev/null
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 

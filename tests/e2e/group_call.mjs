@@ -243,6 +243,17 @@ await runTest("group_call", {
     );
     const after = [await framesOf(u1, u2), await framesOf(u2, u1)];
     log(`after leave: ${u1.name} decoded ${before[0]}→${after[0]} frames of ${u2.name}, ${u2.name} ${before[1]}→${after[1]} of ${u1.name}`);
+
+    // RTCP reports have come in (every 5 s): loss, round-trip time and jitter histograms.
+    await waitFor(
+      async () => {
+        const text = await (await fetch(`${server.url}/metrics`)).text();
+        const count = (name) => Number((text.split("\n").find((l) => l.startsWith(`${name}_count `)) || " 0").split(" ").pop());
+        return ["parley_rtcp_loss_ratio", "parley_rtcp_rtt_seconds", "parley_rtcp_jitter_seconds"].every((n) => count(n) > 0);
+      },
+      { timeoutMs: 12000, intervalMs: 500, message: "RTCP loss/RTT/jitter samples in /metrics" },
+    );
+    log("RTCP loss, RTT and jitter histograms have samples");
   },
   async onFailure() {
     if (consoleLines.length) {

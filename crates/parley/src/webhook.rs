@@ -10,7 +10,6 @@
 //! (`/etc/ssl/certs/ca-certificates.crt`, or the file named by `SSL_CERT_FILE`).
 
 // The hub does not send events yet.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -131,27 +130,6 @@ pub enum WebhookEvent {
         room: String,
         participant: String,
         name: String,
-    },
-    CallRinging {
-        call: String,
-        caller: String,
-        callee: String,
-    },
-    CallAnswered {
-        call: String,
-        caller: String,
-        callee: String,
-        device: String,
-    },
-    CallMissed {
-        call: String,
-        caller: String,
-        callee: String,
-    },
-    CallDeclined {
-        call: String,
-        caller: String,
-        callee: String,
     },
 }
 

@@ -385,3 +385,49 @@ async fn webhooks_report_rooms_and_participants_signed_and_in_order() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_admin_api_drains_with_an_api_secret_and_metrics_can_move_to_the_admin_address() {
+    within_time_limit(async {
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let key = format!("k1:{SECRET}");
+        let server = Server::start(&["--api-key", &key, "--admin-http", &admin.to_string()]).await;
+        // A call in progress, so the drain has something to wait for.
+        let mut c = server.client().await;
+        let v = join_with(&mut c, "demo", Some(&mint("demo", "ada", &[]))).await;
+        assert_eq!(v["type"], "joined", "{v}");
+        let (code, _) = http_get(server.http, "/metrics").await;
+        assert_eq!(code, 404, "metrics moved to the admin address");
+        let (code, body) = http_get(admin, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(body.contains("parley_draining 0"), "{body}");
+
+        let (code, _) = http(admin, "POST", "/admin/drain", "").await;
+        assert_eq!(code, 401, "no secret, no drain");
+        let (code, _) = http(
+            admin,
+            "POST",
+            "/admin/drain",
+            "Authorization: Bearer wrong-secret-xxxxxxx\r\n",
+        )
+        .await;
+        assert_eq!(code, 401);
+        let auth = format!("Authorization: Bearer {SECRET}\r\n");
+        let (code, _) = http(admin, "POST", "/admin/drain", &auth).await;
+        assert_eq!(code, 202);
+        let deadline = tokio::time::Instant::now() + REPLY;
+        loop {
+            let (code, _) = http_get(server.http, "/readyz").await;
+            let (_, metrics) = http_get(admin, "/metrics").await;
+            if code == 503 && metrics.contains("parley_draining 1") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not draining: readyz {code}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
