@@ -37,6 +37,11 @@ pub struct Config {
     pub api_keys: BTreeMap<String, String>,
     /// Separate address for `/metrics` and the admin API; unset: the main address.
     pub admin_http: Option<SocketAddr>,
+    /// Seconds a direct call rings before it ends with "no answer".
+    pub ring_timeout_secs: u64,
+    /// Milliseconds after the answer before a direct call that has no peer-to-peer media
+    /// moves to the SFU.
+    pub p2p_timeout_ms: u64,
     /// Seconds existing calls may go on after a drain starts (SIGTERM or the admin API).
     pub drain_grace_secs: u64,
     /// URLs that receive signed webhook POSTs.
@@ -62,6 +67,8 @@ impl Default for Config {
             max_messages_per_sec: 50,
             api_keys: BTreeMap::new(),
             admin_http: None,
+            ring_timeout_secs: 45,
+            p2p_timeout_ms: 4000,
             drain_grace_secs: 5 * 3600,
             webhook_urls: Vec::new(),
             webhook_secret: None,
@@ -91,6 +98,9 @@ impl Config {
         }
         if self.max_message_bytes < 1024 {
             anyhow::bail!("max_message_bytes: must be at least 1024 (an SDP offer is several KB)");
+        }
+        if self.ring_timeout_secs == 0 {
+            anyhow::bail!("ring_timeout_secs: must be at least 1");
         }
         if self.max_messages_per_sec == 0 {
             anyhow::bail!("max_messages_per_sec: must be at least 1");

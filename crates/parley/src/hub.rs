@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use parley_proto::media::{MediaCommand, MediaEvent, SessionId, TileView, TrackSource};
 
+mod calls;
+
 use crate::auth::Auth;
 use crate::webhook::WebhookEvent;
 use parley_proto::signal::{
@@ -28,6 +30,10 @@ pub struct HubConfig {
     pub last_n: Option<u32>,
     /// API keys; empty is open mode.
     pub auth: Auth,
+    /// Direct calls nobody answers end after this.
+    pub ring_timeout: Duration,
+    /// Told to devices: move a call to the SFU if peer-to-peer is not up this long after the answer.
+    pub p2p_timeout: Duration,
 }
 
 #[derive(Debug, PartialEq)]
@@ -41,7 +47,10 @@ pub enum Output {
 
 struct Participant {
     id: u64,
+    /// Empty for a device of a user (direct calls).
     room: String,
+    /// The user this connection is a device of, for direct calls.
+    user: Option<String>,
     name: String,
     /// From the access token; in open mode the display name.
     identity: String,
@@ -98,6 +107,9 @@ pub struct Hub {
     out: Vec<Output>,
     token_source: Box<dyn FnMut() -> String + Send>,
     draining: bool,
+    /// Direct calls: the devices of each user, and the calls.
+    users: HashMap<String, Vec<u64>>,
+    calls: HashMap<String, calls::Call>,
 }
 
 impl Hub {
@@ -112,6 +124,8 @@ impl Hub {
             out: Vec::new(),
             token_source,
             draining: false,
+            users: HashMap::new(),
+            calls: HashMap::new(),
         }
     }
 
@@ -279,6 +293,17 @@ impl Hub {
                     );
                 }
             }
+            ClientMsg::Register { user, token } => {
+                self.register(conn, joined, user, token, frame.seq)
+            }
+            ClientMsg::Call { call, to } => self.call(conn, joined, call, to, frame.seq, now),
+            ClientMsg::CallCancel { call } => self.call_cancel(conn, joined, &call, frame.seq),
+            ClientMsg::CallAnswer { call } => self.call_answer(conn, joined, &call, frame.seq),
+            ClientMsg::CallDecline { call } => self.call_decline(conn, joined, &call, frame.seq),
+            ClientMsg::CallHangup { call } => self.call_hangup(conn, joined, &call, frame.seq),
+            ClientMsg::CallSignal { call, data } => {
+                self.call_signal(conn, joined, &call, data, frame.seq)
+            }
             ClientMsg::Ping => self.out.push(Output::Send(
                 conn,
                 ServerFrame {
@@ -362,6 +387,7 @@ impl Hub {
         for pid in expired {
             self.remove(pid, "resume window expired");
         }
+        self.ring_timeouts(now);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -447,6 +473,7 @@ impl Hub {
         let p = Participant {
             id,
             room: room.clone(),
+            user: None,
             name,
             identity,
             can_publish: claims.as_ref().is_none_or(|c| c.publish),
@@ -567,6 +594,20 @@ impl Hub {
         seq: Option<u64>,
     ) -> Option<&Participant> {
         match joined {
+            Some(pid)
+                if self
+                    .participants
+                    .get(&pid)
+                    .is_some_and(|p| p.user.is_some()) =>
+            {
+                self.error(
+                    conn,
+                    ErrorCode::NotJoined,
+                    "a device for calls is in no room".into(),
+                    seq,
+                );
+                None
+            }
             Some(pid) => self.participants.get(&pid),
             None => {
                 self.error(conn, ErrorCode::NotJoined, "join a room first".into(), seq);
@@ -582,6 +623,20 @@ impl Hub {
         seq: Option<u64>,
     ) -> Option<&mut Participant> {
         match joined {
+            Some(pid)
+                if self
+                    .participants
+                    .get(&pid)
+                    .is_some_and(|p| p.user.is_some()) =>
+            {
+                self.error(
+                    conn,
+                    ErrorCode::NotJoined,
+                    "a device for calls is in no room".into(),
+                    seq,
+                );
+                None
+            }
             Some(pid) => self.participants.get_mut(&pid),
             None => {
                 self.error(conn, ErrorCode::NotJoined, "join a room first".into(), seq);
@@ -591,9 +646,30 @@ impl Hub {
     }
 
     fn remove(&mut self, pid: u64, why: &str) {
+        if self
+            .participants
+            .get(&pid)
+            .is_some_and(|p| p.user.is_some())
+        {
+            self.device_gone(pid);
+        }
         let Some(p) = self.participants.remove(&pid) else {
             return;
         };
+        if let Some(user) = &p.user {
+            tracing::info!(device = %p.wire_id(), %user, why, "device gone");
+            self.by_token.remove(&p.token);
+            if let Some(conn) = p.conn {
+                self.conns.insert(conn, None);
+            }
+            if let Some(devices) = self.users.get_mut(user) {
+                devices.retain(|d| *d != pid);
+                if devices.is_empty() {
+                    self.users.remove(user);
+                }
+            }
+            return;
+        }
         tracing::info!(participant = %p.wire_id(), room = %p.room, why, "left");
         self.by_token.remove(&p.token);
         if let Some(conn) = p.conn {

@@ -27,6 +27,8 @@ impl TestHub {
                 resume_window: Duration::from_secs(30),
                 last_n: None,
                 auth: crate::auth::Auth::default(),
+                ring_timeout: Duration::from_secs(45),
+                p2p_timeout: Duration::from_secs(4),
             },
             tokens,
         );
@@ -1231,4 +1233,349 @@ fn draining_refuses_new_rooms_but_not_existing_ones() {
         t.take_msgs(a).as_slice(),
         [ServerMsg::ParticipantJoined { .. }]
     ));
+}
+
+// ---- direct calls -----------------------------------------------------------------------------
+
+mod calls {
+    use super::*;
+    use parley_proto::signal::{CallEndReason as R, CallRole};
+
+    /// A registered device: its connection and the next client seq it will use.
+    struct Dev {
+        conn: ConnId,
+        seq: u64,
+        session: String,
+    }
+
+    impl TestHub {
+        fn register(&mut self, user: &str) -> Dev {
+            let conn = self.open();
+            self.send(
+                conn,
+                &format!(r#"{{"seq":1,"type":"register","user":"{user}"}}"#),
+            );
+            let msgs = self.take_msgs(conn);
+            let Some(ServerMsg::Registered { session, .. }) = msgs.first() else {
+                panic!("expected registered, got {msgs:?}");
+            };
+            Dev {
+                conn,
+                seq: 1,
+                session: session.clone(),
+            }
+        }
+
+        fn act(&mut self, d: &mut Dev, body: &str) {
+            d.seq += 1;
+            let json = format!(r#"{{"seq":{},{}}}"#, d.seq, &body[1..body.len() - 1]);
+            self.send(d.conn, &json);
+        }
+
+        /// What `d` received, without acks.
+        fn got(&mut self, d: &Dev) -> Vec<ServerMsg> {
+            self.take_msgs(d.conn)
+                .into_iter()
+                .filter(|m| *m != ServerMsg::Ack)
+                .collect()
+        }
+    }
+
+    fn ended(call: &str, reason: R) -> ServerMsg {
+        ServerMsg::CallEnded {
+            call: call.into(),
+            reason,
+        }
+    }
+
+    fn signal(call: &str, v: serde_json::Value) -> ServerMsg {
+        ServerMsg::CallSignal {
+            call: call.into(),
+            data: v,
+        }
+    }
+
+    /// Ann calls Bob, who has two devices; returns (ann, bob1, bob2) with inboxes emptied.
+    fn ringing() -> (TestHub, Dev, Dev, Dev) {
+        let mut t = TestHub::new(None);
+        let mut ann = t.register("ann");
+        let b1 = t.register("bob");
+        let b2 = t.register("bob");
+        t.act(&mut ann, r#"{"type":"call","call":"c1","to":"bob"}"#);
+        assert_eq!(
+            t.got(&ann),
+            vec![ServerMsg::CallRinging {
+                call: "c1".into(),
+                to: "bob".into()
+            }]
+        );
+        let incoming = ServerMsg::CallIncoming {
+            call: "c1".into(),
+            from: "ann".into(),
+        };
+        assert_eq!(t.got(&b1), vec![incoming.clone()]);
+        assert_eq!(t.got(&b2), vec![incoming]);
+        (t, ann, b1, b2)
+    }
+
+    #[test]
+    fn every_device_rings_and_the_first_answer_wins() {
+        let (mut t, ann, mut b1, mut b2) = ringing();
+        t.act(&mut b1, r#"{"type":"call_answer","call":"c1"}"#);
+        let won = ServerMsg::CallAnswered {
+            call: "c1".into(),
+            device: "p2".into(),
+        };
+        assert_eq!(t.got(&ann), vec![won.clone()]);
+        assert_eq!(t.got(&b1), vec![won]);
+        assert_eq!(t.got(&b2), vec![ended("c1", R::AnsweredElsewhere)]);
+        // The second device answering a moment later loses cleanly.
+        t.act(&mut b2, r#"{"type":"call_answer","call":"c1"}"#);
+        assert_eq!(t.got(&b2), vec![ended("c1", R::AnsweredElsewhere)]);
+        assert!(t.got(&ann).is_empty());
+    }
+
+    #[test]
+    fn the_callers_signals_wait_at_every_device_and_only_the_winners_answer_is_released() {
+        let (mut t, mut ann, mut b1, mut b2) = ringing();
+        t.act(
+            &mut ann,
+            r#"{"type":"call_signal","call":"c1","data":{"sdp":"offer"}}"#,
+        );
+        t.act(
+            &mut ann,
+            r#"{"type":"call_signal","call":"c1","data":{"candidate":"a1"}}"#,
+        );
+        for d in [&b1, &b2] {
+            assert_eq!(
+                t.got(d),
+                vec![
+                    signal("c1", serde_json::json!({"sdp": "offer"})),
+                    signal("c1", serde_json::json!({"candidate": "a1"})),
+                ]
+            );
+        }
+        // Both devices prepare answers while ringing; Parley holds them.
+        t.act(
+            &mut b1,
+            r#"{"type":"call_signal","call":"c1","data":{"sdp":"answer1"}}"#,
+        );
+        t.act(
+            &mut b2,
+            r#"{"type":"call_signal","call":"c1","data":{"sdp":"answer2"}}"#,
+        );
+        t.act(
+            &mut b1,
+            r#"{"type":"call_signal","call":"c1","data":{"candidate":"b1"}}"#,
+        );
+        assert!(
+            t.got(&ann).is_empty(),
+            "nothing reaches the caller before an answer"
+        );
+        t.act(&mut b2, r#"{"type":"call_answer","call":"c1"}"#);
+        assert_eq!(
+            t.got(&ann),
+            vec![
+                ServerMsg::CallAnswered {
+                    call: "c1".into(),
+                    device: "p3".into()
+                },
+                signal("c1", serde_json::json!({"sdp": "answer2"})),
+            ]
+        );
+        // From now on signals go straight between the two.
+        t.act(
+            &mut ann,
+            r#"{"type":"call_signal","call":"c1","data":{"candidate":"a2"}}"#,
+        );
+        assert_eq!(
+            t.got(&b2).last(),
+            Some(&signal("c1", serde_json::json!({"candidate": "a2"})))
+        );
+        assert_eq!(t.got(&b1), vec![ended("c1", R::AnsweredElsewhere)]);
+        t.act(
+            &mut b1,
+            r#"{"type":"call_signal","call":"c1","data":{"candidate":"late"}}"#,
+        );
+        assert!(
+            t.got(&ann).is_empty(),
+            "the losing device's signals go nowhere"
+        );
+    }
+
+    #[test]
+    fn cancelling_stops_every_ringing_device_even_before_any_reply() {
+        let mut t = TestHub::new(None);
+        let mut ann = t.register("ann");
+        let b1 = t.register("bob");
+        let b2 = t.register("bob");
+        // Call and cancel back to back, before reading anything.
+        t.act(&mut ann, r#"{"type":"call","call":"c1","to":"bob"}"#);
+        t.act(&mut ann, r#"{"type":"call_cancel","call":"c1"}"#);
+        for d in [&b1, &b2] {
+            assert_eq!(
+                t.got(d),
+                vec![
+                    ServerMsg::CallIncoming {
+                        call: "c1".into(),
+                        from: "ann".into()
+                    },
+                    ended("c1", R::Cancelled),
+                ]
+            );
+        }
+        // Calling again with a new id is a new, separate call.
+        t.act(&mut ann, r#"{"type":"call","call":"c2","to":"bob"}"#);
+        assert_eq!(
+            t.got(&b1),
+            vec![ServerMsg::CallIncoming {
+                call: "c2".into(),
+                from: "ann".into()
+            }]
+        );
+        assert!(t.webhooks.iter().any(
+            |w| matches!(w, crate::webhook::WebhookEvent::CallMissed { call, .. } if call == "c1")
+        ));
+    }
+
+    #[test]
+    fn a_cancel_racing_an_answer_leaves_one_outcome() {
+        let (mut t, mut ann, mut b1, _b2) = ringing();
+        // The answer is processed first: the call is on; the late cancel hangs it up.
+        t.act(&mut b1, r#"{"type":"call_answer","call":"c1"}"#);
+        t.act(&mut ann, r#"{"type":"call_cancel","call":"c1"}"#);
+        assert_eq!(
+            t.got(&b1),
+            vec![
+                ServerMsg::CallAnswered {
+                    call: "c1".into(),
+                    device: "p2".into()
+                },
+                ended("c1", R::Cancelled)
+            ]
+        );
+        // The other order: cancel first, then the answer finds no call.
+        let (mut t, mut ann, mut b1, _b2) = ringing();
+        t.act(&mut ann, r#"{"type":"call_cancel","call":"c1"}"#);
+        t.act(&mut b1, r#"{"type":"call_answer","call":"c1"}"#);
+        assert_eq!(
+            t.got(&b1),
+            vec![ended("c1", R::Cancelled), ended("c1", R::Cancelled)]
+        );
+        assert!(t.got(&ann).is_empty());
+    }
+
+    #[test]
+    fn declining_ends_the_call_for_the_caller_and_the_other_devices() {
+        let (mut t, ann, mut b1, b2) = ringing();
+        t.act(&mut b1, r#"{"type":"call_decline","call":"c1"}"#);
+        assert_eq!(t.got(&ann), vec![ended("c1", R::Declined)]);
+        assert_eq!(t.got(&b2), vec![ended("c1", R::Declined)]);
+        assert_eq!(t.got(&b1), vec![ended("c1", R::Declined)]);
+    }
+
+    #[test]
+    fn unavailable_busy_and_no_answer() {
+        let mut t = TestHub::new(None);
+        let mut ann = t.register("ann");
+        t.act(&mut ann, r#"{"type":"call","call":"c0","to":"nobody"}"#);
+        assert_eq!(t.got(&ann), vec![ended("c0", R::Unavailable)]);
+
+        let (mut t, _ann, mut b1, _b2) = ringing();
+        t.act(&mut b1, r#"{"type":"call_answer","call":"c1"}"#);
+        let mut cy = t.register("cy");
+        t.act(&mut cy, r#"{"type":"call","call":"c9","to":"bob"}"#);
+        assert_eq!(t.got(&cy), vec![ended("c9", R::Busy)]);
+
+        let (mut t, ann, b1, b2) = ringing();
+        t.tick_at(44.0);
+        assert!(t.got(&ann).is_empty());
+        t.tick_at(45.5);
+        for d in [&ann, &b1, &b2] {
+            assert_eq!(t.got(d), vec![ended("c1", R::NoAnswer)]);
+        }
+    }
+
+    #[test]
+    fn glare_makes_one_connected_call() {
+        let mut t = TestHub::new(None);
+        let mut ann = t.register("ann");
+        let mut bob = t.register("bob");
+        t.act(&mut ann, r#"{"type":"call","call":"a-to-b","to":"bob"}"#);
+        t.act(&mut bob, r#"{"type":"call","call":"b-to-a","to":"ann"}"#);
+        let merged = t.got(&bob);
+        assert_eq!(
+            merged,
+            vec![
+                ServerMsg::CallIncoming {
+                    call: "a-to-b".into(),
+                    from: "ann".into()
+                },
+                ServerMsg::CallMerged {
+                    call: "a-to-b".into(),
+                    role: CallRole::Callee
+                },
+                ServerMsg::CallAnswered {
+                    call: "a-to-b".into(),
+                    device: "p2".into()
+                },
+            ]
+        );
+        assert_eq!(
+            t.got(&ann),
+            vec![
+                ServerMsg::CallRinging {
+                    call: "a-to-b".into(),
+                    to: "bob".into()
+                },
+                ServerMsg::CallAnswered {
+                    call: "a-to-b".into(),
+                    device: "p2".into()
+                },
+            ]
+        );
+        // Connected: a hang-up reaches the other side.
+        t.act(&mut ann, r#"{"type":"call_hangup","call":"a-to-b"}"#);
+        assert_eq!(t.got(&bob), vec![ended("a-to-b", R::Hangup)]);
+    }
+
+    #[test]
+    fn a_device_that_reconnects_gets_what_it_missed_once() {
+        let (mut t, ann, b1, mut b2) = ringing();
+        // Bob's second device loses its connection before acknowledging anything.
+        t.close(b2.conn);
+        let mut b1 = b1;
+        t.act(&mut b1, r#"{"type":"call_answer","call":"c1"}"#);
+        let _ = t.got(&ann);
+        // b2 comes back on a new connection, having processed nothing: the incoming call and
+        // the "answered elsewhere" arrive, in order, once.
+        let conn = t.open();
+        t.send(
+            conn,
+            &format!(r#"{{"type":"resume","session":"{}","ack":1}}"#, b2.session),
+        );
+        let msgs: Vec<ServerMsg> = t.take_msgs(conn);
+        assert_eq!(
+            msgs,
+            vec![
+                ServerMsg::Resumed,
+                ServerMsg::CallIncoming {
+                    call: "c1".into(),
+                    from: "ann".into()
+                },
+                ended("c1", R::AnsweredElsewhere),
+            ]
+        );
+        // Resending an already processed message does nothing twice.
+        b2.conn = conn;
+        b2.seq -= 1;
+        t.act(&mut b2, r#"{"type":"call_answer","call":"c1"}"#);
+        t.act(&mut b2, r#"{"type":"call_answer","call":"c1"}"#);
+        let again = t.got(&b2);
+        assert_eq!(
+            again,
+            vec![ended("c1", R::AnsweredElsewhere)],
+            "one reply for one new message"
+        );
+    }
 }

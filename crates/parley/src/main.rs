@@ -117,6 +117,12 @@ struct ServeArgs {
     /// Separate address for /metrics and the admin API.
     #[arg(long, env = "PARLEY_ADMIN_HTTP")]
     admin_http: Option<SocketAddr>,
+    /// Seconds a direct call rings before "no answer" [default: 45].
+    #[arg(long, env = "PARLEY_RING_TIMEOUT_SECS")]
+    ring_timeout_secs: Option<u64>,
+    /// Milliseconds before a direct call without peer-to-peer media moves to the SFU [default: 4000].
+    #[arg(long, env = "PARLEY_P2P_TIMEOUT_MS")]
+    p2p_timeout_ms: Option<u64>,
     /// Seconds calls may go on after a drain starts [default: 18000].
     #[arg(long, env = "PARLEY_DRAIN_GRACE_SECS")]
     drain_grace_secs: Option<u64>,
@@ -183,6 +189,12 @@ impl ServeArgs {
         }
         if self.admin_http.is_some() {
             c.admin_http = self.admin_http;
+        }
+        if let Some(v) = self.ring_timeout_secs {
+            c.ring_timeout_secs = v;
+        }
+        if let Some(v) = self.p2p_timeout_ms {
+            c.p2p_timeout_ms = v;
         }
         if let Some(v) = self.drain_grace_secs {
             c.drain_grace_secs = v;

@@ -88,6 +88,8 @@ pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> an
             resume_window: Duration::from_secs(config.resume_window_secs),
             last_n: config.last_n,
             auth: auth.clone(),
+            ring_timeout: Duration::from_secs(config.ring_timeout_secs),
+            p2p_timeout: Duration::from_millis(config.p2p_timeout_ms),
         },
         Box::new(random_token),
     );

@@ -131,6 +131,27 @@ pub enum WebhookEvent {
         participant: String,
         name: String,
     },
+    CallRinging {
+        call: String,
+        caller: String,
+        callee: String,
+    },
+    CallAnswered {
+        call: String,
+        caller: String,
+        callee: String,
+        device: String,
+    },
+    CallMissed {
+        call: String,
+        caller: String,
+        callee: String,
+    },
+    CallDeclined {
+        call: String,
+        caller: String,
+        callee: String,
+    },
 }
 
 /// A running webhook sender. Cheap to clone; the delivery tasks end once every clone is

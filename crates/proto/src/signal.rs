@@ -43,6 +43,32 @@ pub enum ClientMsg {
         video: bool,
     },
     Leave,
+    /// This connection is a device of `user` (direct calls).
+    Register {
+        user: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    Call {
+        call: String,
+        to: String,
+    },
+    CallCancel {
+        call: String,
+    },
+    CallAnswer {
+        call: String,
+    },
+    CallDecline {
+        call: String,
+    },
+    CallHangup {
+        call: String,
+    },
+    CallSignal {
+        call: String,
+        data: serde_json::Value,
+    },
     Ack,
     Resume {
         session: String,
@@ -151,6 +177,58 @@ pub enum ServerMsg {
         message: String,
     },
     Pong,
+    Registered {
+        device: String,
+        session: String,
+        user: String,
+        p2p_timeout_ms: u64,
+        ice_servers: Vec<serde_json::Value>,
+    },
+    CallRinging {
+        call: String,
+        to: String,
+    },
+    CallIncoming {
+        call: String,
+        from: String,
+    },
+    CallAnswered {
+        call: String,
+        device: String,
+    },
+    CallEnded {
+        call: String,
+        reason: CallEndReason,
+    },
+    CallSignal {
+        call: String,
+        data: serde_json::Value,
+    },
+    CallMerged {
+        call: String,
+        role: CallRole,
+    },
+}
+
+/// Why a direct call ended, for one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallEndReason {
+    Cancelled,
+    Declined,
+    AnsweredElsewhere,
+    Busy,
+    Unavailable,
+    NoAnswer,
+    Hangup,
+    Gone,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallRole {
+    Caller,
+    Callee,
 }
 
 impl ServerMsg {
@@ -221,7 +299,22 @@ impl ClientFrame {
 }
 
 const KNOWN_CLIENT_TYPES: &[&str] = &[
-    "join", "offer", "view", "answer", "mute", "leave", "ack", "resume", "ping",
+    "join",
+    "offer",
+    "view",
+    "answer",
+    "mute",
+    "leave",
+    "ack",
+    "resume",
+    "ping",
+    "register",
+    "call",
+    "call_cancel",
+    "call_answer",
+    "call_decline",
+    "call_hangup",
+    "call_signal",
 ];
 
 /// Room names: 1 to 64 characters from `A-Z a-z 0-9 - _ .`.
