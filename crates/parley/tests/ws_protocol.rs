@@ -314,3 +314,43 @@ async fn resume_of_an_unknown_session_fails() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_direct_call_rings_both_devices_and_relays_signals_over_real_websockets() {
+    within_time_limit(async {
+        let server = Server::start(&[]).await;
+        let mut ann = server.client().await;
+        let mut bob1 = server.client().await;
+        let mut bob2 = server.client().await;
+        for (c, user) in [(&mut ann, "ann"), (&mut bob1, "bob"), (&mut bob2, "bob")] {
+            c.send(json!({"seq": 1, "type": "register", "user": user})).await;
+            let v = c.expect("registered").await;
+            assert!(v["p2p_timeout_ms"].as_u64().is_some(), "{v}");
+        }
+        ann.send(json!({"seq": 2, "type": "call", "call": "c-1", "to": "bob"}))
+            .await;
+        ann.send(json!({"seq": 3, "type": "call_signal", "call": "c-1", "data": {"type": "offer", "sdp": "v=0"}}))
+            .await;
+        assert_eq!(ann.expect("call_ringing").await["to"], "bob");
+        for b in [&mut bob1, &mut bob2] {
+            assert_eq!(b.expect("call_incoming").await["from"], "ann");
+            assert_eq!(b.expect("call_signal").await["data"]["type"], "offer");
+        }
+        bob2.send(json!({"seq": 2, "type": "call_signal", "call": "c-1", "data": {"type": "answer", "sdp": "v=0"}}))
+            .await;
+        bob2.send(json!({"seq": 3, "type": "call_answer", "call": "c-1"}))
+            .await;
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let v = ann.recv().await;
+            if v["type"] != "ack" {
+                seen.push(v);
+            }
+        }
+        assert_eq!(seen[0]["type"], "call_answered", "{seen:?}");
+        assert_eq!(seen[1]["data"]["type"], "answer", "the held answer follows at once: {seen:?}");
+        let v = bob1.expect("call_ended").await;
+        assert_eq!(v["reason"], "answered_elsewhere");
+    })
+    .await;
+}
