@@ -37,6 +37,14 @@ pub struct Config {
     pub api_keys: BTreeMap<String, String>,
     /// Separate address for `/metrics` and the admin API; unset: the main address.
     pub admin_http: Option<SocketAddr>,
+    /// STUN servers clients use to find their public addresses.
+    pub stun_servers: Vec<String>,
+    /// TURN servers clients may relay through (credentials: `turn_secret`).
+    pub turn_servers: Vec<String>,
+    /// Shared secret of the TURN servers (coturn `use-auth-secret`).
+    pub turn_secret: Option<String>,
+    /// Seconds a TURN credential handed to a client is valid.
+    pub turn_ttl_secs: u64,
     /// Seconds a direct call rings before it ends with "no answer".
     pub ring_timeout_secs: u64,
     /// Milliseconds after the answer before a direct call that has no peer-to-peer media
@@ -67,6 +75,10 @@ impl Default for Config {
             max_messages_per_sec: 50,
             api_keys: BTreeMap::new(),
             admin_http: None,
+            stun_servers: Vec::new(),
+            turn_servers: Vec::new(),
+            turn_secret: None,
+            turn_ttl_secs: 3600,
             ring_timeout_secs: 45,
             p2p_timeout_ms: 4000,
             drain_grace_secs: 5 * 3600,
@@ -98,6 +110,19 @@ impl Config {
         }
         if self.max_message_bytes < 1024 {
             anyhow::bail!("max_message_bytes: must be at least 1024 (an SDP offer is several KB)");
+        }
+        if !self.turn_servers.is_empty() && self.turn_secret.as_deref().is_none_or(str::is_empty) {
+            anyhow::bail!("turn_secret: required when turn_servers are set");
+        }
+        if let Some(u) = self.stun_servers.iter().find(|u| !u.starts_with("stun:")) {
+            anyhow::bail!("stun_servers: {u:?} does not start with stun:");
+        }
+        if let Some(u) = self
+            .turn_servers
+            .iter()
+            .find(|u| !(u.starts_with("turn:") || u.starts_with("turns:")))
+        {
+            anyhow::bail!("turn_servers: {u:?} does not start with turn: or turns:");
         }
         if self.ring_timeout_secs == 0 {
             anyhow::bail!("ring_timeout_secs: must be at least 1");
@@ -135,6 +160,9 @@ impl Config {
         let mut masked = self.clone();
         for secret in masked.api_keys.values_mut() {
             *secret = "********".into();
+        }
+        if masked.turn_secret.is_some() {
+            masked.turn_secret = Some("********".into());
         }
         if masked.webhook_secret.is_some() {
             masked.webhook_secret = Some("********".into());

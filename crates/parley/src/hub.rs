@@ -10,6 +10,7 @@ use parley_proto::media::{MediaCommand, MediaEvent, SessionId, TileView, TrackSo
 mod calls;
 
 use crate::auth::Auth;
+use crate::ice::IceServers;
 use crate::webhook::WebhookEvent;
 use parley_proto::signal::{
     ClientFrame, ClientMsg, ErrorCode, FrameError, ParticipantInfo, ServerFrame, ServerMsg,
@@ -34,6 +35,8 @@ pub struct HubConfig {
     pub ring_timeout: Duration,
     /// Told to devices: move a call to the SFU if peer-to-peer is not up this long after the answer.
     pub p2p_timeout: Duration,
+    /// STUN and TURN servers for clients.
+    pub ice: IceServers,
 }
 
 #[derive(Debug, PartialEq)]

@@ -29,6 +29,7 @@ impl TestHub {
                 auth: crate::auth::Auth::default(),
                 ring_timeout: Duration::from_secs(45),
                 p2p_timeout: Duration::from_secs(4),
+                ice: Default::default(),
             },
             tokens,
         );

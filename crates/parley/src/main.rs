@@ -3,6 +3,7 @@
 mod auth;
 mod config;
 mod hub;
+mod ice;
 mod media;
 mod metrics;
 mod server;
@@ -117,6 +118,26 @@ struct ServeArgs {
     /// Separate address for /metrics and the admin API.
     #[arg(long, env = "PARLEY_ADMIN_HTTP")]
     admin_http: Option<SocketAddr>,
+    /// STUN server URL for clients, like stun:stun.example.org:3478 (repeatable).
+    #[arg(
+        long = "stun-server",
+        env = "PARLEY_STUN_SERVERS",
+        value_delimiter = ','
+    )]
+    stun_servers: Option<Vec<String>>,
+    /// TURN server URL for clients, like turn:turn.example.org:3478?transport=udp (repeatable).
+    #[arg(
+        long = "turn-server",
+        env = "PARLEY_TURN_SERVERS",
+        value_delimiter = ','
+    )]
+    turn_servers: Option<Vec<String>>,
+    /// Shared secret of the TURN servers (coturn `static-auth-secret`).
+    #[arg(long, env = "PARLEY_TURN_SECRET")]
+    turn_secret: Option<String>,
+    /// Seconds a TURN credential is valid [default: 3600].
+    #[arg(long, env = "PARLEY_TURN_TTL_SECS")]
+    turn_ttl_secs: Option<u64>,
     /// Seconds a direct call rings before "no answer" [default: 45].
     #[arg(long, env = "PARLEY_RING_TIMEOUT_SECS")]
     ring_timeout_secs: Option<u64>,
@@ -189,6 +210,18 @@ impl ServeArgs {
         }
         if self.admin_http.is_some() {
             c.admin_http = self.admin_http;
+        }
+        if let Some(v) = self.stun_servers {
+            c.stun_servers = v;
+        }
+        if let Some(v) = self.turn_servers {
+            c.turn_servers = v;
+        }
+        if self.turn_secret.is_some() {
+            c.turn_secret = self.turn_secret;
+        }
+        if let Some(v) = self.turn_ttl_secs {
+            c.turn_ttl_secs = v;
         }
         if let Some(v) = self.ring_timeout_secs {
             c.ring_timeout_secs = v;

@@ -90,6 +90,12 @@ pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> an
             auth: auth.clone(),
             ring_timeout: Duration::from_secs(config.ring_timeout_secs),
             p2p_timeout: Duration::from_millis(config.p2p_timeout_ms),
+            ice: crate::ice::IceServers {
+                stun: config.stun_servers.clone(),
+                turn: config.turn_servers.clone(),
+                turn_secret: config.turn_secret.clone(),
+                turn_ttl: Duration::from_secs(config.turn_ttl_secs),
+            },
         },
         Box::new(random_token),
     );

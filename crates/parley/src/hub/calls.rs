@@ -92,6 +92,7 @@ impl Hub {
         self.users.entry(user.clone()).or_default().push(id);
         tracing::info!(device = %wire_id(id), %user, "device registered");
         let p2p_timeout_ms = self.config.p2p_timeout.as_millis() as u64;
+        let ice_servers = self.config.ice.for_identity(&user);
         self.send(
             id,
             ServerMsg::Registered {
@@ -99,7 +100,7 @@ impl Hub {
                 session,
                 user,
                 p2p_timeout_ms,
-                ice_servers: Vec::new(),
+                ice_servers,
             },
         );
     }
