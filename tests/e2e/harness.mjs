@@ -137,8 +137,9 @@ const MIME = { ".html": "text/html", ".js": "text/javascript", ".css": "text/css
 /** The file of web/ the server serves at path `p`, "" for /healthz, null for anything else. */
 function webRoute(p) {
   if (p === "/" || /^\/r\/[^/]*\/?$/.test(p)) return "web/app/index.html";
-  if (p === "/app/app.js" || p === "/app/style.css") return `web${p}`;
-  if (p === "/sdk/parley.js") return "web/sdk/parley.js";
+  if (/^\/u\/[^/]*\/?$/.test(p)) return "web/app/call.html";
+  if (p === "/app/app.js" || p === "/app/call.js" || p === "/app/style.css") return `web${p}`;
+  if (p === "/sdk/parley.js" || p === "/sdk/calls.js") return `web${p}`;
   if (p === "/healthz") return "";
   return null;
 }
@@ -317,3 +318,17 @@ export function wav(path, amplitude, seconds = 5) {
   writeFileSync(path, buf);
 }
 
+
+/** In a page: video frames decoded so far from participant `pid` (pass to page.evaluate). */
+export function videoFramesFrom(pid) {
+  return window.parley.client.pc.getStats().then((stats) => {
+    let frames = 0;
+    stats.forEach((s) => {
+      if (s.type !== "inbound-rtp" || s.kind !== "video") return;
+      for (const [id, info] of window.parley.client.remoteTracks) {
+        if (id === s.trackIdentifier && info.participantId === pid) frames = Math.max(frames, s.framesDecoded || 0);
+      }
+    });
+    return frames;
+  });
+}

@@ -5,24 +5,12 @@
 import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { CHROMIUM_ARGS, closeAll, launchChromium, log, repoRoot, reportFailure, runTest, sleep, startServer, wav, waitFor } from "./harness.mjs";
+import { CHROMIUM_ARGS, closeAll, launchChromium, log, repoRoot, reportFailure, runTest, sleep, startServer, wav, waitFor, videoFramesFrom } from "./harness.mjs";
 
 let server = null;
 const browsers = [];
 const consoleLines = [];
 
-function framesFrom(pid) {
-  return window.parley.client.pc.getStats().then((stats) => {
-    let frames = 0;
-    stats.forEach((s) => {
-      if (s.type !== "inbound-rtp" || s.kind !== "video") return;
-      for (const [id, info] of window.parley.client.remoteTracks) {
-        if (id === s.trackIdentifier && info.participantId === pid) frames = Math.max(frames, s.framesDecoded || 0);
-      }
-    });
-    return frames;
-  });
-}
 
 await runTest("lastn", {
   timeoutMs: 75000,
@@ -48,15 +36,15 @@ await runTest("lastn", {
     // Quiet1 shows Loud's camera and a name card for Quiet2.
     await q1.waitForSelector(`.tile[data-participant="${loud}"][data-lastn-hidden="false"]`, { timeout: 20000 });
     await q1.waitForSelector(`.tile[data-participant="${quiet2}"][data-lastn-hidden="true"]`, { timeout: 20000 });
-    await waitFor(async () => (await q1.evaluate(framesFrom, loud)) > 0, { timeoutMs: 20000, message: "Quiet1 to decode Loud's video" });
+    await waitFor(async () => (await q1.evaluate(videoFramesFrom, loud)) > 0, { timeoutMs: 20000, message: "Quiet1 to decode Loud's video" });
     log("Quiet1 shows Loud's camera and a name card for Quiet2");
     // Quiet2's video is not sent to Quiet1 any more.
     await sleep(1500);
-    const before = await q1.evaluate(framesFrom, quiet2);
-    const loudBefore = await q1.evaluate(framesFrom, loud);
+    const before = await q1.evaluate(videoFramesFrom, quiet2);
+    const loudBefore = await q1.evaluate(videoFramesFrom, loud);
     await sleep(3000);
-    const after = await q1.evaluate(framesFrom, quiet2);
-    const loudAfter = await q1.evaluate(framesFrom, loud);
+    const after = await q1.evaluate(videoFramesFrom, quiet2);
+    const loudAfter = await q1.evaluate(videoFramesFrom, loud);
     if (after > before + 2) throw new Error(`Quiet2's video still reaches Quiet1 (${before} → ${after} frames)`);
     if (loudAfter <= loudBefore + 10) throw new Error(`Loud's video stalled on Quiet1 (${loudBefore} → ${loudAfter})`);
     log(`in 3 s Quiet1 decoded ${loudAfter - loudBefore} frames of Loud and ${after - before} of Quiet2`);

@@ -4,24 +4,12 @@
 //
 //   node tests/e2e/reconnect.mjs          (PARLEY_BIN, CHROMIUM override the binaries)
 import { join } from "node:path";
-import { launchChromium, log, repoRoot, runTest, startServer, waitFor, reportFailure, closeAll } from "./harness.mjs";
+import { launchChromium, log, repoRoot, runTest, startServer, waitFor, reportFailure, closeAll, videoFramesFrom } from "./harness.mjs";
 
 let server = null;
 let browser = null;
 const consoleLines = [];
 
-function videoFramesFrom(pid) {
-  return window.parley.client.pc.getStats().then((stats) => {
-    let frames = 0;
-    stats.forEach((s) => {
-      if (s.type !== "inbound-rtp" || s.kind !== "video") return;
-      for (const [id, info] of window.parley.client.remoteTracks) {
-        if (id === s.trackIdentifier && info.participantId === pid) frames = Math.max(frames, s.framesDecoded || 0);
-      }
-    });
-    return frames;
-  });
-}
 
 await runTest("reconnect", {
   timeoutMs: 60000,

@@ -590,33 +590,33 @@ impl Hub {
         }
     }
 
+    /// The participant on `conn` if it is in a room; errors to a device for calls or to a
+    /// connection that has not joined.
+    fn in_room(&mut self, conn: ConnId, joined: Option<u64>, seq: Option<u64>) -> Option<u64> {
+        let msg = match joined {
+            Some(pid)
+                if self
+                    .participants
+                    .get(&pid)
+                    .is_some_and(|p| p.user.is_none()) =>
+            {
+                return Some(pid);
+            }
+            Some(_) => "a device for calls is in no room",
+            None => "join a room first",
+        };
+        self.error(conn, ErrorCode::NotJoined, msg.into(), seq);
+        None
+    }
+
     fn joined(
         &mut self,
         conn: ConnId,
         joined: Option<u64>,
         seq: Option<u64>,
     ) -> Option<&Participant> {
-        match joined {
-            Some(pid)
-                if self
-                    .participants
-                    .get(&pid)
-                    .is_some_and(|p| p.user.is_some()) =>
-            {
-                self.error(
-                    conn,
-                    ErrorCode::NotJoined,
-                    "a device for calls is in no room".into(),
-                    seq,
-                );
-                None
-            }
-            Some(pid) => self.participants.get(&pid),
-            None => {
-                self.error(conn, ErrorCode::NotJoined, "join a room first".into(), seq);
-                None
-            }
-        }
+        let pid = self.in_room(conn, joined, seq)?;
+        self.participants.get(&pid)
     }
 
     fn joined_mut(
@@ -625,27 +625,8 @@ impl Hub {
         joined: Option<u64>,
         seq: Option<u64>,
     ) -> Option<&mut Participant> {
-        match joined {
-            Some(pid)
-                if self
-                    .participants
-                    .get(&pid)
-                    .is_some_and(|p| p.user.is_some()) =>
-            {
-                self.error(
-                    conn,
-                    ErrorCode::NotJoined,
-                    "a device for calls is in no room".into(),
-                    seq,
-                );
-                None
-            }
-            Some(pid) => self.participants.get_mut(&pid),
-            None => {
-                self.error(conn, ErrorCode::NotJoined, "join a room first".into(), seq);
-                None
-            }
-        }
+        let pid = self.in_room(conn, joined, seq)?;
+        self.participants.get_mut(&pid)
     }
 
     fn remove(&mut self, pid: u64, why: &str) {
