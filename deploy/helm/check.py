@@ -27,7 +27,7 @@ CHART = Path(__file__).resolve().parent / "parley"
 REPO = CHART.parents[2]
 
 # Variables that are passed although this version of Parley does not read them yet.
-PLANNED_ENV = {"PARLEY_TURN_URLS", "PARLEY_TURN_SECRET", "RUST_LOG"}
+PLANNED_ENV = {"RUST_LOG"}
 
 
 class TemplateError(Exception):

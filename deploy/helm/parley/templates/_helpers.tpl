@@ -43,7 +43,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   valueFrom:
     secretKeyRef: {name: {{ include "parley.secretName" . }}, key: PARLEY_WEBHOOK_SECRET, optional: true}
 {{- if .Values.turn.urls }}
-- name: PARLEY_TURN_URLS
+- name: PARLEY_TURN_SERVERS
   value: {{ join "," .Values.turn.urls | quote }}
 - name: PARLEY_TURN_SECRET
   valueFrom:
