@@ -54,6 +54,7 @@ log "browser tests (headless Chromium)"
     node screenshare.mjs
     node lastn.mjs
     node operations.mjs
+    node direct_call.mjs
     node denied.mjs
 )
 

@@ -170,8 +170,313 @@ function participantFromWire(p) {
 }
 
 function defaultUrl() {
-  if (typeof location === "undefined") throw new ParleyError("bad_url", "ParleyClient needs a `url` outside a page");
+  if (typeof location === "undefined") throw new ParleyError("bad_url", "A Parley client needs a `url` outside a page");
   return `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+}
+
+/**
+ * The signaling connection of docs/protocol.md without the room: one WebSocket at a time, `seq`
+ * on every reliable message, `ack`s, dropping of duplicates, resending after `resume`, `ping`s,
+ * and reconnection with backoff. `ParleyClient` (a room) and `CallClient` (calls.js, a device
+ * of a user) are built on it.
+ *
+ * A subclass implements:
+ * - `_startSession()`: called on an open socket when there is no session to resume (also after
+ *   `resume_failed`); calls `this._resetSession()` and sends the session's first reliable
+ *   message (`join`, `register`), whose reply sets `this.session`;
+ * - `_handle(msg)`: every incoming message except `resumed`, `resume_failed`, `ack`, `pong`;
+ * and may override `_onResumed()`, `_onResumeFailed(msg)` (default: emit `resumefailed`, then
+ * `_startSession()`) and `_teardown()` (a terminal failure: release media).
+ *
+ * Events: `connectionstatechange` ({state}: connecting, connected, reconnecting, failed,
+ * closed), `resumefailed` ({message}), `error` (from subclasses).
+ */
+export class ReliableSocket extends EventTarget {
+  /**
+   * @param {object} opts
+   * @param {string} [opts.url] signaling URL, default `ws(s)://<this host>/ws`
+   * @param {string|null} [opts.token] access token
+   * @param {number} [opts.reconnectMinMs] first reconnection delay (250 ms)
+   * @param {number} [opts.reconnectMaxMs] longest reconnection delay (5 s)
+   */
+  constructor({ url, token = null, reconnectMinMs, reconnectMaxMs } = {}) {
+    super();
+    /** Access token (`?token=` on links), required when the server has API keys. */
+    this.token = token;
+    this.url = url || defaultUrl();
+    /** Session token (from `joined`/`registered`), used to resume. */
+    this.session = null;
+    /** "new" | "connecting" | "connected" | "reconnecting" | "failed" | "closed" */
+    this.connectionState = "new";
+    this._minDelay = reconnectMinMs ?? RECONNECT_MIN_MS;
+    this._maxDelay = reconnectMaxMs ?? RECONNECT_MAX_MS;
+    this._backoff = this._minDelay;
+    this._ws = null;
+    this._live = false; // may reliable messages be written to the socket now?
+    this._closed = false;
+    this._outSeq = 0;
+    this._lastIn = 0;
+    this._ackSent = 0;
+    this._unacked = [];
+    this._timers = { reconnect: 0, ack: 0, ping: 0 };
+    this._lastRx = 0;
+    this._onOnline = () => {
+      if (!this._ws && !this._closed && this.connectionState === "reconnecting") this._connect();
+    };
+  }
+
+  /** `client.on("name", (detail) => …)`; returns a function that unsubscribes. */
+  on(type, fn) {
+    const listener = (ev) => fn(ev.detail, ev);
+    this.addEventListener(type, listener);
+    return () => this.removeEventListener(type, listener);
+  }
+
+  // ---- hooks for subclasses ----------------------------------------------------------------
+
+  _startSession() {
+    throw new Error("ReliableSocket subclasses implement _startSession()");
+  }
+
+  _handle(_msg) {}
+
+  _onResumed() {}
+
+  _onResumeFailed(msg) {
+    this._emit("resumefailed", { message: msg.message || "" });
+    // The server forgot us: start afresh on this socket (a new socket if it closes).
+    this._startSession();
+  }
+
+  _teardown() {}
+
+  // ---- connection --------------------------------------------------------------------------
+
+  /** Reconnect at once when the browser comes back online. */
+  _listenOnline() {
+    if (typeof window !== "undefined") window.addEventListener("online", this._onOnline);
+  }
+
+  _connect() {
+    clearTimeout(this._timers.reconnect);
+    if (this._closed) return;
+    if (this.connectionState !== "reconnecting") this._setState("connecting");
+    let ws;
+    try {
+      ws = new WebSocket(this.url);
+    } catch (err) {
+      this._emitError("bad_url", String(err && err.message));
+      this._fail();
+      return;
+    }
+    this._ws = ws;
+    this._live = false;
+    ws.onopen = () => {
+      if (ws !== this._ws) return;
+      this._lastRx = Date.now();
+      this._startPing();
+      if (this.session) {
+        this._writeRaw({ type: "resume", session: this.session, ack: this._lastIn });
+      } else {
+        this._startSession();
+      }
+    };
+    ws.onmessage = (ev) => {
+      if (ws !== this._ws) return;
+      this._onFrame(ev.data);
+    };
+    ws.onclose = () => {
+      if (ws !== this._ws) return;
+      this._onDrop();
+    };
+    ws.onerror = () => {}; // a close event follows
+  }
+
+  _detach(ws) {
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+  }
+
+  _onDrop() {
+    const ws = this._ws;
+    if (ws) this._detach(ws);
+    this._ws = null;
+    this._live = false;
+    clearInterval(this._timers.ping);
+    clearTimeout(this._timers.ack);
+    this._timers.ack = 0;
+    if (this._closed || this.connectionState === "failed") return;
+    this._setState("reconnecting");
+    const delay = this._backoff;
+    this._backoff = Math.min(this._backoff * 2, this._maxDelay);
+    this._timers.reconnect = setTimeout(() => this._connect(), delay);
+  }
+
+  /** Forces a reconnection (as after a network drop); mostly for tests. */
+  _dropConnection() {
+    const ws = this._ws;
+    if (!ws) return;
+    this._detach(ws);
+    try {
+      ws.close();
+    } catch {}
+    this._onDrop();
+  }
+
+  _startPing() {
+    clearInterval(this._timers.ping);
+    this._timers.ping = setInterval(() => {
+      if (!this._ws) return;
+      if (Date.now() - this._lastRx > DEAD_AFTER_MS) {
+        this._dropConnection();
+        return;
+      }
+      if (this._ws.readyState === WebSocket.OPEN) this._writeRaw({ type: "ping" });
+    }, PING_INTERVAL_MS);
+  }
+
+  _stopTimers() {
+    clearTimeout(this._timers.reconnect);
+    clearTimeout(this._timers.ack);
+    clearInterval(this._timers.ping);
+    this._timers.ack = 0;
+  }
+
+  /** Closes the socket for good (`leave`, `close`): no more reconnection. */
+  _shutdown(reason) {
+    this._closed = true;
+    this._stopTimers();
+    if (typeof window !== "undefined") window.removeEventListener("online", this._onOnline);
+    const ws = this._ws;
+    this._ws = null;
+    this._live = false;
+    if (ws) {
+      this._detach(ws);
+      try {
+        ws.close(1000, reason);
+      } catch {}
+    }
+  }
+
+  /** A terminal failure (e.g. the join was refused): stop reconnecting. */
+  _fail() {
+    this._stopTimers();
+    const ws = this._ws;
+    this._ws = null;
+    this._live = false;
+    if (ws) {
+      this._detach(ws);
+      try {
+        ws.close(1000);
+      } catch {}
+    }
+    this._teardown();
+    this._setState("failed");
+  }
+
+  // ---- reliability -------------------------------------------------------------------------
+
+  /** Fresh sequence numbers for a new session on the open socket. */
+  _resetSession() {
+    this.session = null;
+    this._outSeq = 0;
+    this._lastIn = 0;
+    this._ackSent = 0;
+    this._unacked = [];
+    this._live = true;
+  }
+
+  /** Sends a reliable message (now, or after the next `resumed`); returns its `seq`. */
+  _sendReliable(msg) {
+    const m = { seq: ++this._outSeq, ...msg };
+    this._unacked.push(m);
+    if (this._live) this._write(m);
+    return m.seq;
+  }
+
+  _write(m) {
+    const frame = this._lastIn > 0 ? { ...m, ack: this._lastIn } : m;
+    if (this._writeRaw(frame)) this._ackSent = this._lastIn;
+  }
+
+  _writeRaw(frame) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
+    try {
+      ws.send(JSON.stringify(frame));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  _scheduleAck() {
+    if (this._timers.ack) return;
+    this._timers.ack = setTimeout(() => {
+      this._timers.ack = 0;
+      if (this._lastIn > this._ackSent && this._ws) {
+        if (this._writeRaw({ type: "ack", ack: this._lastIn })) this._ackSent = this._lastIn;
+      }
+    }, ACK_DELAY_MS);
+  }
+
+  _onAck(n) {
+    while (this._unacked.length && this._unacked[0].seq <= n) this._unacked.shift();
+  }
+
+  _onFrame(data) {
+    this._lastRx = Date.now();
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      console.warn("parley: ignoring a frame that is not JSON");
+      return;
+    }
+    if (!msg || typeof msg !== "object" || typeof msg.type !== "string") return;
+    if (typeof msg.ack === "number") this._onAck(msg.ack);
+    if (typeof msg.seq === "number") {
+      this._scheduleAck();
+      if (msg.seq <= this._lastIn) return; // a resent message already processed
+      this._lastIn = msg.seq;
+    }
+    try {
+      switch (msg.type) {
+        case "resumed":
+          this._live = true;
+          for (const m of this._unacked) this._write(m);
+          this._backoff = this._minDelay;
+          this._setState("connected");
+          this._onResumed(msg);
+          return;
+        case "resume_failed":
+          this._onResumeFailed(msg);
+          return;
+        case "ack":
+        case "pong":
+          return;
+        default:
+          this._handle(msg);
+      }
+    } catch (err) {
+      console.error("parley: handling", msg.type, err);
+    }
+  }
+
+  // ---- events ------------------------------------------------------------------------------
+
+  _setState(state) {
+    if (this.connectionState === state) return;
+    this.connectionState = state;
+    this._emit("connectionstatechange", { state });
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _emitError(code, message) {
+    this._emit("error", { code, message: message || ERROR_MESSAGES[code] || code, serverMessage: "", inReplyTo: null });
+  }
 }
 
 /**
@@ -183,7 +488,7 @@ function defaultUrl() {
  * dominantspeaker, videopaused, layers, track, trackremoved, screensharechange,
  * mediastatechange, peerconnection, error, left.
  */
-export class ParleyClient extends EventTarget {
+export class ParleyClient extends ReliableSocket {
   /**
    * @param {object} opts
    * @param {string} opts.room room name
@@ -196,12 +501,9 @@ export class ParleyClient extends EventTarget {
    * @param {number} [opts.reconnectMaxMs] longest reconnection delay (5 s)
    */
   constructor({ room, name, url, token = null, localStream = null, iceServers = [], reconnectMinMs, reconnectMaxMs } = {}) {
-    super();
-    /** Access token (`?token=` on links), required when the server has API keys. */
-    this.token = token;
+    super({ url, token, reconnectMinMs, reconnectMaxMs });
     this.room = room;
     this.name = name;
-    this.url = url || defaultUrl();
     this.iceServers = iceServers;
     /** The local MediaStream being sent, or null. */
     this.localStream = localStream;
@@ -209,14 +511,10 @@ export class ParleyClient extends EventTarget {
     this.pc = null;
     /** Own participant id, once joined. */
     this.participantId = null;
-    /** Session token from `joined`. */
-    this.session = null;
     /** Remote participants: id → {id, name, audioMuted, videoMuted, speaking}. */
     this.participants = new Map();
     /** Remote tracks: track id → {participantId, source, track, stream, mid}. */
     this.remoteTracks = new Map();
-    /** "new" | "connecting" | "connected" | "reconnecting" | "failed" | "closed" */
-    this.connectionState = "new";
     /** The PeerConnection's connectionState, mirrored. */
     this.mediaState = "new";
     /** Own mute state (true = muted). */
@@ -226,20 +524,9 @@ export class ParleyClient extends EventTarget {
     /** The screen-share track being sent, or null. */
     this.screenTrack = null;
 
-    this._minDelay = reconnectMinMs ?? RECONNECT_MIN_MS;
-    this._maxDelay = reconnectMaxMs ?? RECONNECT_MAX_MS;
-    this._backoff = this._minDelay;
-    this._ws = null;
-    this._live = false; // may reliable messages be written to the socket now?
-    this._closed = false;
-    this._outSeq = 0;
-    this._lastIn = 0;
-    this._ackSent = 0;
-    this._unacked = [];
     this._joinSeq = 0;
     this._joinWaiters = [];
-    this._timers = { reconnect: 0, ack: 0, ping: 0, disconnected: 0 };
-    this._lastRx = 0;
+    this._timers.disconnected = 0;
     this._sdpChain = Promise.resolve();
     this._makingOffer = false;
     this._offerQueued = false;
@@ -258,19 +545,9 @@ export class ParleyClient extends EventTarget {
     this._onScreenEnded = (ev) => {
       if (ev.target === this.screenTrack) this.stopScreenShare().catch((err) => console.warn("parley: stopScreenShare", err));
     };
-    this._onOnline = () => {
-      if (!this._ws && !this._closed && this.connectionState === "reconnecting") this._connect();
-    };
   }
 
   // ---- public API ----------------------------------------------------------------------------
-
-  /** `client.on("track", ({participantId, track}) => …)`; returns a function that unsubscribes. */
-  on(type, fn) {
-    const listener = (ev) => fn(ev.detail, ev);
-    this.addEventListener(type, listener);
-    return () => this.removeEventListener(type, listener);
-  }
 
   /**
    * Connects and joins the room. Resolves with the `joined` detail; rejects with a ParleyError
@@ -283,7 +560,7 @@ export class ParleyClient extends EventTarget {
     if (this._closed) return Promise.reject(new ParleyError("closed", "This client has left; create a new one."));
     const p = new Promise((resolve, reject) => this._joinWaiters.push({ resolve, reject }));
     if (!this._ws && this.connectionState === "new") {
-      if (typeof window !== "undefined") window.addEventListener("online", this._onOnline);
+      this._listenOnline();
       this._createPc();
       // Prepare the first offer while the WebSocket connects: it goes out right behind `join`.
       this._chain(async () => {
@@ -389,23 +666,12 @@ export class ParleyClient extends EventTarget {
   leave() {
     if (this._closed) return;
     if (this._ws && this._live && this.participantId) this._sendReliable({ type: "leave" });
-    this._closed = true;
-    this._stopTimers();
+    this._shutdown("leave");
     const screen = this.screenTrack;
     if (screen) {
       this.screenTrack = null;
       screen.removeEventListener("ended", this._onScreenEnded);
       screen.stop();
-    }
-    if (typeof window !== "undefined") window.removeEventListener("online", this._onOnline);
-    const ws = this._ws;
-    this._ws = null;
-    this._live = false;
-    if (ws) {
-      this._detach(ws);
-      try {
-        ws.close(1000, "leave");
-      } catch {}
     }
     this._closePc();
     this._forgetParticipants();
@@ -420,105 +686,20 @@ export class ParleyClient extends EventTarget {
     return this.pc ? this.pc.getStats(selector) : Promise.resolve(new Map());
   }
 
-  // ---- signaling: connection, reliability, resume ------------------------------------------
-
-  _connect() {
-    clearTimeout(this._timers.reconnect);
-    if (this._closed) return;
-    if (this.connectionState !== "reconnecting") this._setState("connecting");
-    let ws;
-    try {
-      ws = new WebSocket(this.url);
-    } catch (err) {
-      this._emitError("bad_url", String(err && err.message));
-      this._fail();
-      return;
-    }
-    this._ws = ws;
-    this._live = false;
-    ws.onopen = () => {
-      if (ws !== this._ws) return;
-      this._lastRx = Date.now();
-      this._startPing();
-      if (this.session) {
-        this._writeRaw({ type: "resume", session: this.session, ack: this._lastIn });
-      } else {
-        this._startSession();
-      }
-    };
-    ws.onmessage = (ev) => {
-      if (ws !== this._ws) return;
-      this._onFrame(ev.data);
-    };
-    ws.onclose = () => {
-      if (ws !== this._ws) return;
-      this._onDrop();
-    };
-    ws.onerror = () => {}; // a close event follows
-  }
-
-  _detach(ws) {
-    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
-  }
-
-  _onDrop() {
-    const ws = this._ws;
-    if (ws) this._detach(ws);
-    this._ws = null;
-    this._live = false;
-    clearInterval(this._timers.ping);
-    clearTimeout(this._timers.ack);
-    this._timers.ack = 0;
-    if (this._closed || this.connectionState === "failed") return;
-    this._setState("reconnecting");
-    const delay = this._backoff;
-    this._backoff = Math.min(this._backoff * 2, this._maxDelay);
-    this._timers.reconnect = setTimeout(() => this._connect(), delay);
-  }
-
-  /** Forces a reconnection (as after a network drop); mostly for tests. */
-  _dropConnection() {
-    const ws = this._ws;
-    if (!ws) return;
-    this._detach(ws);
-    try {
-      ws.close();
-    } catch {}
-    this._onDrop();
-  }
-
-  _startPing() {
-    clearInterval(this._timers.ping);
-    this._timers.ping = setInterval(() => {
-      if (!this._ws) return;
-      if (Date.now() - this._lastRx > DEAD_AFTER_MS) {
-        this._dropConnection();
-        return;
-      }
-      if (this._ws.readyState === WebSocket.OPEN) this._writeRaw({ type: "ping" });
-    }, PING_INTERVAL_MS);
-  }
+  // ---- signaling: the session (the connection itself is ReliableSocket's) ----------------
 
   _stopTimers() {
-    clearTimeout(this._timers.reconnect);
-    clearTimeout(this._timers.ack);
-    clearInterval(this._timers.ping);
+    super._stopTimers();
     clearTimeout(this._timers.disconnected);
-    this._timers.ack = 0;
   }
 
   /** Starts a new session on the open socket: fresh sequence numbers and a `join`. */
   _startSession() {
     const hadSession = this.participantId !== null || this._joinSeq !== 0;
-    this.session = null;
+    this._resetSession();
     this.participantId = null;
-    this._outSeq = 0;
-    this._lastIn = 0;
-    this._ackSent = 0;
-    this._unacked = [];
     this._viewSeqs = [];
     this._viewSent = null;
-    this._live = true;
     if (hadSession) {
       // The old session's negotiation state is meaningless to the new one.
       this._forgetParticipants();
@@ -536,81 +717,10 @@ export class ParleyClient extends EventTarget {
     this._negotiate();
   }
 
-  _sendReliable(msg) {
-    const m = { seq: ++this._outSeq, ...msg };
-    this._unacked.push(m);
-    if (this._live) this._write(m);
-    return m.seq;
-  }
-
-  _write(m) {
-    const frame = this._lastIn > 0 ? { ...m, ack: this._lastIn } : m;
-    if (this._writeRaw(frame)) this._ackSent = this._lastIn;
-  }
-
-  _writeRaw(frame) {
-    const ws = this._ws;
-    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
-    try {
-      ws.send(JSON.stringify(frame));
-      return true;
-    } catch {
-      return false;
-    }
-  }
-
-  _scheduleAck() {
-    if (this._timers.ack) return;
-    this._timers.ack = setTimeout(() => {
-      this._timers.ack = 0;
-      if (this._lastIn > this._ackSent && this._ws) {
-        if (this._writeRaw({ type: "ack", ack: this._lastIn })) this._ackSent = this._lastIn;
-      }
-    }, ACK_DELAY_MS);
-  }
-
-  _onAck(n) {
-    while (this._unacked.length && this._unacked[0].seq <= n) this._unacked.shift();
-  }
-
-  _onFrame(data) {
-    this._lastRx = Date.now();
-    let msg;
-    try {
-      msg = JSON.parse(data);
-    } catch {
-      console.warn("parley: ignoring a frame that is not JSON");
-      return;
-    }
-    if (!msg || typeof msg !== "object" || typeof msg.type !== "string") return;
-    if (typeof msg.ack === "number") this._onAck(msg.ack);
-    if (typeof msg.seq === "number") {
-      this._scheduleAck();
-      if (msg.seq <= this._lastIn) return; // a resent message already processed
-      this._lastIn = msg.seq;
-    }
-    try {
-      this._handle(msg);
-    } catch (err) {
-      console.error("parley: handling", msg.type, err);
-    }
-  }
-
   _handle(msg) {
     switch (msg.type) {
       case "joined":
         return this._onJoined(msg);
-      case "resumed":
-        this._live = true;
-        for (const m of this._unacked) this._write(m);
-        this._backoff = this._minDelay;
-        this._setState("connected");
-        return;
-      case "resume_failed":
-        this._emit("resumefailed", { message: msg.message || "" });
-        // The server forgot us: join afresh on this socket (a new socket if it closes).
-        this._startSession();
-        return;
       case "participant_joined": {
         if (!msg.participant) return;
         const p = participantFromWire(msg.participant);
@@ -662,9 +772,6 @@ export class ParleyClient extends EventTarget {
         return this._onLayers(msg);
       case "error":
         return this._onServerError(msg);
-      case "ack":
-      case "pong":
-        return;
       default:
         return; // unknown types are ignored (newer server)
     }
@@ -748,34 +855,9 @@ export class ParleyClient extends EventTarget {
     for (const w of this._joinWaiters.splice(0)) w.reject(err);
   }
 
-  /** A terminal failure (the join was refused): stop reconnecting. */
-  _fail() {
-    this._stopTimers();
-    const ws = this._ws;
-    this._ws = null;
-    this._live = false;
-    if (ws) {
-      this._detach(ws);
-      try {
-        ws.close(1000);
-      } catch {}
-    }
+  /** A terminal failure (ReliableSocket._fail): the PeerConnection goes too. */
+  _teardown() {
     this._closePc();
-    this._setState("failed");
-  }
-
-  _setState(state) {
-    if (this.connectionState === state) return;
-    this.connectionState = state;
-    this._emit("connectionstatechange", { state });
-  }
-
-  _emit(type, detail) {
-    this.dispatchEvent(new CustomEvent(type, { detail }));
-  }
-
-  _emitError(code, message) {
-    this._emit("error", { code, message: message || ERROR_MESSAGES[code] || code, serverMessage: "", inReplyTo: null });
   }
 
   // ---- participants ------------------------------------------------------------------------

@@ -134,6 +134,7 @@ pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> an
     let mut app = Router::new()
         .route("/", get(index))
         .route("/r/{room}", get(index))
+        .route("/u/{user}", get(call_page))
         .route("/app/{file}", get(app_asset))
         .route("/sdk/{file}", get(sdk_asset))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -547,6 +548,21 @@ const INDEX_HTML: &str = include_str!("../../../web/app/index.html");
 const APP_JS: &str = include_str!("../../../web/app/app.js");
 const STYLE_CSS: &str = include_str!("../../../web/app/style.css");
 const SDK_JS: &str = include_str!("../../../web/sdk/parley.js");
+const CALL_HTML: &str = include_str!("../../../web/app/call.html");
+const CALL_JS: &str = include_str!("../../../web/app/call.js");
+const CALLS_SDK_JS: &str = include_str!("../../../web/sdk/calls.js");
+
+async fn call_page(user: Option<Path<String>>) -> Response {
+    let _ = user;
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        CALL_HTML,
+    )
+        .into_response()
+}
 
 async fn index(room: Option<Path<String>>) -> Response {
     let _ = room;
@@ -564,6 +580,7 @@ async fn app_asset(Path(file): Path<String>) -> Response {
     match file.as_str() {
         "app.js" => asset("text/javascript; charset=utf-8", APP_JS),
         "style.css" => asset("text/css; charset=utf-8", STYLE_CSS),
+        "call.js" => asset("text/javascript; charset=utf-8", CALL_JS),
         _ => StatusCode::NOT_FOUND.into_response(),
     }
 }
@@ -571,6 +588,7 @@ async fn app_asset(Path(file): Path<String>) -> Response {
 async fn sdk_asset(Path(file): Path<String>) -> Response {
     match file.as_str() {
         "parley.js" => asset("text/javascript; charset=utf-8", SDK_JS),
+        "calls.js" => asset("text/javascript; charset=utf-8", CALLS_SDK_JS),
         _ => StatusCode::NOT_FOUND.into_response(),
     }
 }

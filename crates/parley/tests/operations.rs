@@ -431,3 +431,37 @@ async fn the_admin_api_drains_with_an_api_secret_and_metrics_can_move_to_the_adm
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_call_moved_to_the_sfu_admits_its_two_users_only() {
+    within_time_limit(async {
+        let key = format!("k1:{SECRET}");
+        let server = Server::start(&["--api-key", &key]).await;
+        let mut devices = Vec::new();
+        for user in ["ann", "bob", "cy"] {
+            let mut c = server.client().await;
+            let token = mint("any", user, &[]);
+            c.send(json!({"seq": 1, "type": "register", "user": user, "token": token}))
+                .await;
+            c.expect("registered").await;
+            devices.push((c, token));
+        }
+        let (ann, ann_token) = &mut devices[0];
+        ann.send(json!({"seq": 2, "type": "call", "call": "k9", "to": "bob"}))
+            .await;
+        ann.expect("call_ringing").await;
+        let ann_token = ann_token.clone();
+        let bob_token = devices[1].1.clone();
+        let cy_token = devices[2].1.clone();
+        for (token, admitted) in [(ann_token, true), (bob_token, true), (cy_token, false)] {
+            let mut c = server.client().await;
+            let v = join_with(&mut c, "call-k9", Some(&token)).await;
+            if admitted {
+                assert_eq!(v["type"], "joined", "{v}");
+            } else {
+                assert_eq!(v["code"], "unauthorized", "{v}");
+            }
+        }
+    })
+    .await;
+}

@@ -131,6 +131,13 @@ impl Hub {
             .unwrap_or_default()
     }
 
+    /// Whether `user` is the caller or the callee of call `id`.
+    pub(super) fn is_call_party(&self, id: &str, user: &str) -> bool {
+        self.calls
+            .get(id)
+            .is_some_and(|c| c.caller_user == user || c.callee_user == user)
+    }
+
     fn in_connected_call(&self, device: u64) -> bool {
         self.calls.values().any(|c| match c.state {
             State::Connected { callee } => callee == device || c.caller == device,
