@@ -1481,6 +1481,13 @@ mod calls {
         let mut ann = t.register("ann");
         t.act(&mut ann, r#"{"type":"call","call":"c0","to":"nobody"}"#);
         assert_eq!(t.got(&ann), vec![ended("c0", R::Unavailable)]);
+        assert!(t.webhooks.iter().any(|w| matches!(
+            w,
+            crate::webhook::WebhookEvent::CallMissed {
+                reason: R::Unavailable,
+                ..
+            }
+        )));
 
         let (mut t, _ann, mut b1, _b2) = ringing();
         t.act(&mut b1, r#"{"type":"call_answer","call":"c1"}"#);

@@ -142,10 +142,12 @@ pub enum WebhookEvent {
         callee: String,
         device: String,
     },
+    /// The callee did not pick up: `reason` is cancelled, no_answer, busy, unavailable or gone.
     CallMissed {
         call: String,
         caller: String,
         callee: String,
+        reason: parley_proto::signal::CallEndReason,
     },
     CallDeclined {
         call: String,

@@ -207,12 +207,21 @@ impl Hub {
             .copied()
             .filter(|d| *d != me)
             .collect();
-        if devices.is_empty() {
-            self.end(me, &call, CallEndReason::Unavailable);
-            return;
-        }
-        if devices.iter().any(|d| self.in_connected_call(*d)) {
-            self.end(me, &call, CallEndReason::Busy);
+        let refused = if devices.is_empty() {
+            Some(CallEndReason::Unavailable)
+        } else if devices.iter().any(|d| self.in_connected_call(*d)) {
+            Some(CallEndReason::Busy)
+        } else {
+            None
+        };
+        if let Some(reason) = refused {
+            self.end(me, &call, reason);
+            self.out.push(Output::Webhook(WebhookEvent::CallMissed {
+                call,
+                caller: my_user,
+                callee: to,
+                reason,
+            }));
             return;
         }
         tracing::info!(%call, from = %my_user, %to, devices = devices.len(), "ringing");
@@ -402,6 +411,7 @@ impl Hub {
                         call: call.into(),
                         caller: c.caller_user.clone(),
                         callee: c.callee_user.clone(),
+                        reason,
                     }));
                 }
             }
