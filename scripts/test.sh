@@ -17,6 +17,8 @@ need_pkgs=()
 command -v chromium >/dev/null || [ -x /usr/bin/chromium ] || need_pkgs+=(chromium)
 command -v node >/dev/null || need_pkgs+=(nodejs)
 command -v npm >/dev/null || need_pkgs+=(npm)
+command -v iptables >/dev/null || need_pkgs+=(iptables)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]} from Debian's packages"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -55,6 +57,7 @@ log "browser tests (headless Chromium)"
     node lastn.mjs
     node operations.mjs
     node direct_call.mjs
+    node ice_tcp.mjs
     node denied.mjs
 )
 

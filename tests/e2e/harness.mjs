@@ -52,14 +52,14 @@ export function freeUdpPort() {
 }
 
 /** Starts `parley serve` on free ports and waits for /healthz. */
-export async function startServer({ logFile = join(repoRoot, "tests/e2e/server.log"), timeoutMs = 20000, extraArgs = [], scheme = "http", publicIp = "127.0.0.1" } = {}) {
+export async function startServer({ logFile = join(repoRoot, "tests/e2e/server.log"), timeoutMs = 20000, extraArgs = [], scheme = "http", publicIp = "127.0.0.1", httpBind = "127.0.0.1" } = {}) {
   const bin = resolve(repoRoot, process.env.PARLEY_BIN || "target/release/parley");
   if (!existsSync(bin)) {
     throw new Error(`server binary not found at ${bin}: build it (cargo build --release) or set PARLEY_BIN`);
   }
   const httpPort = await freeTcpPort();
   const rtcPort = await freeUdpPort();
-  const args = ["serve", "--http", `127.0.0.1:${httpPort}`, "--rtc-port", String(rtcPort), ...(publicIp ? ["--public-ip", publicIp] : []), ...extraArgs];
+  const args = ["serve", "--http", `${httpBind}:${httpPort}`, "--rtc-port", String(rtcPort), ...(publicIp ? ["--public-ip", publicIp] : []), ...extraArgs];
   log(`starting ${bin} ${args.join(" ")} (log: ${logFile})`);
   const out = createWriteStream(logFile);
   const proc = spawn(bin, args, {

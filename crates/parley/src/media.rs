@@ -5,6 +5,7 @@ use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -47,10 +48,17 @@ pub fn start(
         .collect();
     tracing::info!(port = local_addr.port(), ?candidates, "media port ready");
 
+    // ICE-TCP on the same port, for networks that block UDP.
+    let tcp_listener =
+        std::net::TcpListener::bind(SocketAddr::new(bind.ip(), local_addr.port()))
+            .with_context(|| format!("binding the media port {} (TCP)", local_addr.port()))?;
+    tcp_listener.set_nonblocking(true)?;
+
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let sfu = Sfu::new(SfuConfig {
         candidates: candidates.clone(),
+        tcp: true,
     });
     let driver_candidates = candidates;
     std::thread::Builder::new()
@@ -74,6 +82,13 @@ pub fn start(
                         return;
                     }
                 };
+                let (tcp_tx, tcp_rx) = mpsc::channel(TCP_QUEUE);
+                match tokio::net::TcpListener::from_std(tcp_listener) {
+                    Ok(l) => {
+                        tokio::spawn(tcp::accept(l, tcp_tx));
+                    }
+                    Err(err) => tracing::error!(%err, "cannot register the media TCP listener"),
+                }
                 let driver = Driver {
                     sfu,
                     sock,
@@ -87,8 +102,9 @@ pub fn start(
                     local_addr,
                     events: ev_tx,
                     metrics,
+                    tcp_conns: HashMap::new(),
                 };
-                driver.run(cmd_rx).await;
+                driver.run(cmd_rx, tcp_rx).await;
             });
         })
         .context("starting the media thread")?;
@@ -126,13 +142,22 @@ struct Driver {
     local_addr: SocketAddr,
     events: mpsc::UnboundedSender<MediaEvent>,
     metrics: Arc<Metrics>,
+    /// ICE-TCP connections by the peer's address.
+    tcp_conns: HashMap<SocketAddr, tcp::Conn>,
 }
+
+/// Frames from ICE-TCP connections waiting for the media loop.
+const TCP_QUEUE: usize = 4096;
 
 const BATCH: usize = 32;
 const BUF: usize = 2048;
 
 impl Driver {
-    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<MediaCommand>) {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<MediaCommand>,
+        mut tcp_events: mpsc::Receiver<tcp::Event>,
+    ) {
         let mut bufs = vec![[0u8; BUF]; BATCH];
         let mut metas = vec![RecvMeta::default(); BATCH];
         let mut export = tokio::time::interval(Duration::from_secs(1));
@@ -156,6 +181,7 @@ impl Driver {
                 _ = tokio::time::sleep_until(timeout.into()) => {
                     self.sfu.handle_timeout(Instant::now());
                 }
+                Some(ev) = tcp_events.recv() => self.tcp_event(ev),
                 _ = export.tick() => {
                     let samples = self.sfu.drain_samples();
                     self.metrics
@@ -208,8 +234,35 @@ impl Driver {
         self.candidates.first().copied().unwrap_or(self.local_addr)
     }
 
+    fn tcp_event(&mut self, ev: tcp::Event) {
+        match ev {
+            tcp::Event::Open(peer, conn) => {
+                tracing::debug!(%peer, "ICE-TCP connection");
+                self.tcp_conns.insert(peer, conn);
+            }
+            tcp::Event::Frame(peer, frame) => {
+                let Some(local_ip) = self.tcp_conns.get(&peer).map(|c| c.local.ip()) else {
+                    return;
+                };
+                let destination = self.destination(Some(local_ip));
+                self.sfu
+                    .handle_datagram(Instant::now(), Protocol::Tcp, peer, destination, &frame);
+            }
+            tcp::Event::Closed(peer) => {
+                self.tcp_conns.remove(&peer);
+            }
+        }
+    }
+
     async fn flush(&mut self) {
         while let Some(t) = self.sfu.poll_transmit() {
+            if t.proto == Protocol::Tcp {
+                match self.tcp_conns.get(&t.destination) {
+                    Some(conn) => conn.send(&t.contents),
+                    None => tracing::trace!(dest = %t.destination, "no ICE-TCP connection"),
+                }
+                continue;
+            }
             // Reply from the address the peer sent to: a browser matches responses by it.
             let src_ip = Some(t.source.ip()).filter(|ip| self.local_ips.contains(ip));
             let transmit = quinn_udp::Transmit {
@@ -242,5 +295,111 @@ impl Driver {
                 return;
             }
         }
+    }
+}
+
+/// ICE-TCP (RFC 6544) on the media port: each connection carries STUN, DTLS and SRTP packets,
+/// each preceded by its 16-bit length (RFC 4571).
+mod tcp {
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::mpsc;
+
+    /// Largest frame accepted; media packets are about an MTU.
+    const MAX_FRAME: usize = 8 * 1024;
+    /// Packets waiting to be written to one connection; more are dropped, as UDP would.
+    const WRITE_QUEUE: usize = 1024;
+
+    pub enum Event {
+        Open(SocketAddr, Conn),
+        Frame(SocketAddr, Vec<u8>),
+        Closed(SocketAddr),
+    }
+
+    /// The media loop's handle to one connection.
+    pub struct Conn {
+        pub local: SocketAddr,
+        tx: mpsc::Sender<Vec<u8>>,
+    }
+
+    impl Conn {
+        pub fn send(&self, packet: &[u8]) {
+            let Ok(len) = u16::try_from(packet.len()) else {
+                return;
+            };
+            let mut framed = Vec::with_capacity(packet.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(packet);
+            if self.tx.try_send(framed).is_err() {
+                tracing::trace!("ICE-TCP write queue full; packet dropped");
+            }
+        }
+    }
+
+    pub async fn accept(listener: TcpListener, events: mpsc::Sender<Event>) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(err) => {
+                    tracing::debug!(%err, "ICE-TCP accept failed");
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok(local) = stream.local_addr() else {
+                continue;
+            };
+            let (tx, rx) = mpsc::channel(WRITE_QUEUE);
+            if events
+                .send(Event::Open(peer, Conn { local, tx }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::spawn(serve(stream, peer, rx, events.clone()));
+        }
+    }
+
+    async fn serve(
+        stream: TcpStream,
+        peer: SocketAddr,
+        mut outgoing: mpsc::Receiver<Vec<u8>>,
+        events: mpsc::Sender<Event>,
+    ) {
+        let (mut reader, mut writer) = stream.into_split();
+        let writes = tokio::spawn(async move {
+            while let Some(frame) = outgoing.recv().await {
+                if writer.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut len = [0u8; 2];
+        let mut buf = vec![0u8; MAX_FRAME];
+        loop {
+            if reader.read_exact(&mut len).await.is_err() {
+                break;
+            }
+            let n = usize::from(u16::from_be_bytes(len));
+            if n == 0 || n > MAX_FRAME {
+                tracing::debug!(%peer, n, "ICE-TCP frame of a bad size; closing");
+                break;
+            }
+            if reader.read_exact(&mut buf[..n]).await.is_err() {
+                break;
+            }
+            if events
+                .send(Event::Frame(peer, buf[..n].to_vec()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        writes.abort();
+        let _ = events.send(Event::Closed(peer)).await;
     }
 }

@@ -44,6 +44,8 @@ pub use str0m::net::Transmit;
 pub struct SfuConfig {
     /// Addresses put in ICE host candidates (the one media port on each public address).
     pub candidates: Vec<SocketAddr>,
+    /// Also offer passive ICE-TCP candidates on the same addresses (RFC 6544, framing RFC 4571).
+    pub tcp: bool,
 }
 
 /// The media plane: every session, room and forwarding decision.
@@ -306,6 +308,19 @@ impl Sfu {
                         session.rtc.add_local_candidate(c);
                     }
                     Err(err) => tracing::warn!(%addr, %err, "unusable candidate address"),
+                }
+                if self.config.tcp {
+                    let tcp = str0m::Candidate::builder()
+                        .tcp()
+                        .host(*addr)
+                        .tcptype(str0m::net::TcpType::Passive)
+                        .build();
+                    match tcp {
+                        Ok(c) => {
+                            session.rtc.add_local_candidate(c);
+                        }
+                        Err(err) => tracing::warn!(%addr, %err, "unusable TCP candidate address"),
+                    }
                 }
             }
             // Subscribe the newcomer to every track already published in the room.

@@ -188,6 +188,7 @@ impl World {
             start: now,
             sfu: Sfu::new(SfuConfig {
                 candidates: vec![sfu_addr],
+                tcp: false,
             }),
             sfu_addr,
             peers: Vec::new(),
