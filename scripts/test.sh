@@ -19,6 +19,7 @@ command -v node >/dev/null || need_pkgs+=(nodejs)
 command -v npm >/dev/null || need_pkgs+=(npm)
 command -v iptables >/dev/null || need_pkgs+=(iptables)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v turnserver >/dev/null || need_pkgs+=(coturn)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]} from Debian's packages"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -58,6 +59,7 @@ log "browser tests (headless Chromium)"
     node operations.mjs
     node direct_call.mjs
     node ice_tcp.mjs
+    node turn.mjs
     node denied.mjs
 )
 

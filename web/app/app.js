@@ -469,7 +469,15 @@ function startCall(room, name) {
   show("call");
   state.joinStartedAt = Date.now();
   const token = new URLSearchParams(location.search).get("token");
-  const client = new ParleyClient({ room, name, token, localStream: state.localStream });
+  // ?relay=1: media through TURN only (networks that need it; tests).
+  const relay = new URLSearchParams(location.search).get("relay") === "1";
+  const client = new ParleyClient({
+    room,
+    name,
+    token,
+    localStream: state.localStream,
+    iceTransportPolicy: relay ? "relay" : "all",
+  });
   state.client = client;
 
   const local = createTile("local", { name, local: true });

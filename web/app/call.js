@@ -411,7 +411,8 @@ function main() {
   $("my-link").textContent = `${location.origin}/u/${encodeURIComponent(user)}`;
 
   const p2p = !(params.get("p2p") === "0" || params.get("p2p") === "false");
-  const client = new CallClient({ user, token: params.get("token"), p2p });
+  const relay = params.get("relay") === "1";
+  const client = new CallClient({ user, token: params.get("token"), p2p, iceTransportPolicy: relay ? "relay" : "all" });
   state.client = client;
 
   client.on("connectionstatechange", ({ state: s }) => {

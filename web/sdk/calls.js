@@ -231,6 +231,8 @@ export class Call extends EventTarget {
       // Test hook: relay only, and no relay, so the peer-to-peer path can never connect.
       config.iceTransportPolicy = "relay";
       config.iceServers = [];
+    } else if (this.client.iceTransportPolicy === "relay") {
+      config.iceTransportPolicy = "relay";
     }
     return config;
   }
@@ -594,7 +596,7 @@ export class CallClient extends ReliableSocket {
    * @param {boolean} [opts.p2p] false (test hook): the peer-to-peer path can never connect, so calls go to the SFU
    * @param {boolean} [opts.forceRelay] same as `p2p: false`
    */
-  constructor({ user, token = null, url, iceServers = [], localStream = null, p2p = true, forceRelay = false, reconnectMinMs, reconnectMaxMs } = {}) {
+  constructor({ user, token = null, url, iceServers = [], iceTransportPolicy = "all", localStream = null, p2p = true, forceRelay = false, reconnectMinMs, reconnectMaxMs } = {}) {
     super({ url, token, reconnectMinMs, reconnectMaxMs });
     this.user = user;
     /** ICE servers given to the constructor (the server's come with `registered`). */
@@ -604,6 +606,8 @@ export class CallClient extends ReliableSocket {
     this.localStream = localStream;
     /** false: peer-to-peer is made impossible (test hook for the SFU fallback). */
     this.p2p = p2p !== false && !forceRelay;
+    /** "relay": peer-to-peer media only through the TURN servers Parley hands out. */
+    this.iceTransportPolicy = iceTransportPolicy;
     /** This device's id, once registered. */
     this.deviceId = null;
     this.p2pTimeoutMs = DEFAULT_P2P_TIMEOUT_MS;

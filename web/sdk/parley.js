@@ -488,6 +488,28 @@ export class ReliableSocket extends EventTarget {
  * dominantspeaker, videopaused, layers, track, trackremoved, screensharechange,
  * mediastatechange, peerconnection, error, left.
  */
+/**
+ * The STUN/TURN servers Parley hands this client (TURN with short-lived credentials), from
+ * `GET /ice-servers` next to the WebSocket URL. Resolves to [] on any failure, within 2 s.
+ */
+export async function fetchIceServers(wsUrl, token) {
+  try {
+    const u = new URL(wsUrl);
+    u.protocol = u.protocol === "wss:" ? "https:" : "http:";
+    u.pathname = "/ice-servers";
+    u.search = token ? `?token=${encodeURIComponent(token)}` : "";
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), 2000);
+    const r = await fetch(u, { signal: ctl.signal });
+    clearTimeout(timer);
+    if (!r.ok) return [];
+    const servers = await r.json();
+    return Array.isArray(servers) ? servers : [];
+  } catch {
+    return [];
+  }
+}
+
 export class ParleyClient extends ReliableSocket {
   /**
    * @param {object} opts
@@ -496,15 +518,19 @@ export class ParleyClient extends ReliableSocket {
    * @param {string} [opts.url] signaling URL, default `ws(s)://<this host>/ws`
    * @param {MediaStream|null} [opts.localStream] microphone/camera to send; can be set later
    *   with setLocalStream() (until then the client joins and negotiates without sending media)
-   * @param {RTCIceServer[]} [opts.iceServers]
+   * @param {RTCIceServer[]} [opts.iceServers] added to those the server hands out
+   * @param {"all"|"relay"} [opts.iceTransportPolicy] "relay": media only through TURN
    * @param {number} [opts.reconnectMinMs] first reconnection delay (250 ms)
    * @param {number} [opts.reconnectMaxMs] longest reconnection delay (5 s)
    */
-  constructor({ room, name, url, token = null, localStream = null, iceServers = [], reconnectMinMs, reconnectMaxMs } = {}) {
+  constructor({ room, name, url, token = null, localStream = null, iceServers = [], iceTransportPolicy = "all", reconnectMinMs, reconnectMaxMs } = {}) {
     super({ url, token, reconnectMinMs, reconnectMaxMs });
     this.room = room;
     this.name = name;
     this.iceServers = iceServers;
+    this.iceTransportPolicy = iceTransportPolicy;
+    /** Servers from `GET /ice-servers` (TURN credentials), once fetched. */
+    this._fetchedIceServers = null;
     /** The local MediaStream being sent, or null. */
     this.localStream = localStream;
     /** The current RTCPeerConnection (replaced when a session is started afresh). */
@@ -562,10 +588,18 @@ export class ParleyClient extends ReliableSocket {
     if (!this._ws && this.connectionState === "new") {
       this._listenOnline();
       this._createPc();
+      // STUN/TURN servers (TURN with short-lived credentials) come from the server over HTTP,
+      // fetched while the WebSocket connects; gathering starts only after they are in.
+      const ice = fetchIceServers(this.url, this.token);
       // Prepare the first offer while the WebSocket connects: it goes out right behind `join`.
       this._chain(async () => {
+        const servers = await ice;
+        if (servers.length) this._fetchedIceServers = servers;
         const pc = this.pc;
         if (!pc || pc.signalingState !== "stable") return;
+        if (servers.length) {
+          pc.setConfiguration({ ...pc.getConfiguration(), iceServers: [...this.iceServers, ...servers] });
+        }
         this._makingOffer = true;
         try {
           await pc.setLocalDescription();
@@ -889,7 +923,8 @@ export class ParleyClient extends ReliableSocket {
     const pc = new RTCPeerConnection({
       bundlePolicy: "max-bundle",
       rtcpMuxPolicy: "require",
-      iceServers: this.iceServers,
+      iceServers: [...this.iceServers, ...(this._fetchedIceServers || [])],
+      iceTransportPolicy: this.iceTransportPolicy,
     });
     this.pc = pc;
     this.mediaState = pc.connectionState;

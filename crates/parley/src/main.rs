@@ -7,6 +7,7 @@ mod ice;
 mod media;
 mod metrics;
 mod server;
+mod stun;
 mod tls;
 mod webhook;
 
@@ -35,6 +36,30 @@ enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Find out how the NAT between here and a STUN server treats UDP (RFC 5780), and whether
+    /// peer-to-peer calls are likely to work. The server needs an alternate address, like
+    /// `parley stun-server`.
+    NatCheck {
+        /// The STUN server, like stun:stun.example.org:3478 or 192.0.2.1:3478.
+        server: String,
+        /// Seconds to wait for each answer (filtering tests wait this long for answers a
+        /// NAT may never let through).
+        #[arg(long, default_value = "3")]
+        timeout_secs: u64,
+    },
+    /// Run a STUN server for NAT behaviour discovery (RFC 5780): it answers from the
+    /// primary and an alternate address, each on two ports.
+    StunServer {
+        /// Primary address and port, like 192.0.2.1:3478.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The second address of this host.
+        #[arg(long)]
+        alternate_ip: IpAddr,
+        /// The second port, on both addresses.
+        #[arg(long, default_value = "3479")]
+        alternate_port: u16,
+    },
 }
 
 #[derive(Subcommand)]
@@ -292,6 +317,30 @@ fn main() -> anyhow::Result<()> {
             writeln!(std::io::stdout(), "{}", auth::mint(&key, &secret, &grant)?)?;
             Ok(())
         }
+        Command::NatCheck {
+            server,
+            timeout_secs,
+        } => {
+            let report = current_thread_runtime()?.block_on(async {
+                let addr = stun::resolve(&server)
+                    .await?
+                    .into_iter()
+                    .next()
+                    .context("the STUN server has no address")?;
+                stun::nat_check(addr, std::time::Duration::from_secs(timeout_secs)).await
+            })?;
+            write!(std::io::stdout(), "{report}")?;
+            Ok(())
+        }
+        Command::StunServer {
+            listen,
+            alternate_ip,
+            alternate_port,
+        } => current_thread_runtime()?.block_on(stun::run_stun_server(
+            listen,
+            alternate_ip,
+            alternate_port,
+        )),
         Command::Serve(args) => {
             let config = args.into_config()?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -309,4 +358,11 @@ fn main() -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
 }

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use crate::auth::Auth;
 use crate::config::Config;
 use crate::hub::{ConnId, Hub, HubConfig, Output};
+use crate::ice::IceServers;
 use crate::media::MediaPlane;
 use crate::metrics::Metrics;
 use crate::webhook::{WebhookConfig, Webhooks};
@@ -47,6 +48,7 @@ struct AppState {
     draining: Arc<AtomicBool>,
     auth: Arc<Auth>,
     drain_requested: Arc<tokio::sync::Notify>,
+    ice: Arc<IceServers>,
 }
 
 #[derive(Clone, Copy)]
@@ -81,6 +83,12 @@ pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> an
         }
         (_, None) => anyhow::bail!("webhook_secret: required when webhook_urls are set"),
     };
+    let ice = IceServers {
+        stun: config.stun_servers.clone(),
+        turn: config.turn_servers.clone(),
+        turn_secret: config.turn_secret.clone(),
+        turn_ttl: Duration::from_secs(config.turn_ttl_secs),
+    };
     let (hub_tx, hub_rx) = mpsc::unbounded_channel();
     let hub = Hub::new(
         HubConfig {
@@ -90,12 +98,7 @@ pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> an
             auth: auth.clone(),
             ring_timeout: Duration::from_secs(config.ring_timeout_secs),
             p2p_timeout: Duration::from_millis(config.p2p_timeout_ms),
-            ice: crate::ice::IceServers {
-                stun: config.stun_servers.clone(),
-                turn: config.turn_servers.clone(),
-                turn_secret: config.turn_secret.clone(),
-                turn_ttl: Duration::from_secs(config.turn_ttl_secs),
-            },
+            ice: ice.clone(),
         },
         Box::new(random_token),
     );
@@ -125,6 +128,7 @@ pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> an
         draining: draining.clone(),
         auth: Arc::new(auth),
         drain_requested: Arc::new(tokio::sync::Notify::new()),
+        ice: Arc::new(ice),
     };
     let drain_requested = state.drain_requested.clone();
     let admin = Router::new()
@@ -139,6 +143,7 @@ pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> an
         .route("/sdk/{file}", get(sdk_asset))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/ice-servers", get(ice_servers))
         .route("/ws", get(ws_upgrade))
         .with_state(state.clone());
     match config.admin_http {
@@ -248,6 +253,36 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         "ready\n".into_response()
     }
+}
+
+#[derive(serde::Deserialize)]
+struct IceQuery {
+    token: Option<String>,
+}
+
+/// `GET /ice-servers?token=…`: STUN and TURN (with fresh credentials) for this client. With API
+/// keys configured a valid token is needed, and its identity names the TURN credential.
+async fn ice_servers(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<IceQuery>,
+) -> Response {
+    let identity = if state.auth.is_open() {
+        "guest".to_string()
+    } else {
+        match state.auth.verify_identity(q.token.as_deref()) {
+            Ok(claims) => claims.sub,
+            Err(err) => return (StatusCode::UNAUTHORIZED, format!("{err}\n")).into_response(),
+        }
+    };
+    let body = serde_json::Value::from(state.ice.for_identity(&identity)).to_string();
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
