@@ -45,6 +45,12 @@ pub struct Config {
     pub turn_secret: Option<String>,
     /// Seconds a TURN credential handed to a client is valid.
     pub turn_ttl_secs: u64,
+    /// Run an RFC 5780 STUN server (NAT behaviour discovery) on this address...
+    pub stun_listen: Option<SocketAddr>,
+    /// ...and this second address of the host (required with `stun_listen`)...
+    pub stun_alternate_ip: Option<IpAddr>,
+    /// ...each on `stun_listen`'s port and this one.
+    pub stun_alternate_port: u16,
     /// Seconds a direct call rings before it ends with "no answer".
     pub ring_timeout_secs: u64,
     /// Milliseconds after the answer before a direct call that has no peer-to-peer media
@@ -79,6 +85,9 @@ impl Default for Config {
             turn_servers: Vec::new(),
             turn_secret: None,
             turn_ttl_secs: 3600,
+            stun_listen: None,
+            stun_alternate_ip: None,
+            stun_alternate_port: 3479,
             ring_timeout_secs: 45,
             p2p_timeout_ms: 4000,
             drain_grace_secs: 5 * 3600,
@@ -123,6 +132,11 @@ impl Config {
             .find(|u| !(u.starts_with("turn:") || u.starts_with("turns:")))
         {
             anyhow::bail!("turn_servers: {u:?} does not start with turn: or turns:");
+        }
+        if self.stun_listen.is_some() && self.stun_alternate_ip.is_none() {
+            anyhow::bail!(
+                "stun_alternate_ip: required with stun_listen (RFC 5780 needs a second address)"
+            );
         }
         if self.ring_timeout_secs == 0 {
             anyhow::bail!("ring_timeout_secs: must be at least 1");

@@ -163,6 +163,15 @@ struct ServeArgs {
     /// Seconds a TURN credential is valid [default: 3600].
     #[arg(long, env = "PARLEY_TURN_TTL_SECS")]
     turn_ttl_secs: Option<u64>,
+    /// Run an RFC 5780 STUN server on this address (NAT diagnosis).
+    #[arg(long, env = "PARLEY_STUN_LISTEN")]
+    stun_listen: Option<SocketAddr>,
+    /// The second address of the RFC 5780 STUN server.
+    #[arg(long, env = "PARLEY_STUN_ALTERNATE_IP")]
+    stun_alternate_ip: Option<IpAddr>,
+    /// The second port of the RFC 5780 STUN server [default: 3479].
+    #[arg(long, env = "PARLEY_STUN_ALTERNATE_PORT")]
+    stun_alternate_port: Option<u16>,
     /// Seconds a direct call rings before "no answer" [default: 45].
     #[arg(long, env = "PARLEY_RING_TIMEOUT_SECS")]
     ring_timeout_secs: Option<u64>,
@@ -248,6 +257,15 @@ impl ServeArgs {
         if let Some(v) = self.turn_ttl_secs {
             c.turn_ttl_secs = v;
         }
+        if self.stun_listen.is_some() {
+            c.stun_listen = self.stun_listen;
+        }
+        if self.stun_alternate_ip.is_some() {
+            c.stun_alternate_ip = self.stun_alternate_ip;
+        }
+        if let Some(v) = self.stun_alternate_port {
+            c.stun_alternate_port = v;
+        }
         if let Some(v) = self.ring_timeout_secs {
             c.ring_timeout_secs = v;
         }
@@ -266,6 +284,29 @@ impl ServeArgs {
         c.validate()?;
         Ok(c)
     }
+}
+
+/// The addresses to announce in ICE candidates: `public_ip` when configured; otherwise the
+/// address the STUN servers see (if any answers in time) and this host's own addresses.
+async fn public_addresses(config: &Config) -> Vec<IpAddr> {
+    if !config.public_ip.is_empty() || config.stun_servers.is_empty() {
+        return config.public_ip.clone();
+    }
+    let timeout = std::time::Duration::from_secs(2);
+    let mut ips = media::host_addresses();
+    match stun::discover_public_ip(&config.stun_servers, timeout).await {
+        Some(ip) => {
+            tracing::info!(%ip, servers = ?config.stun_servers, "public address learnt from STUN");
+            ips.retain(|i| *i != ip);
+            ips.insert(0, ip);
+        }
+        None => tracing::warn!(
+            servers = ?config.stun_servers,
+            ?timeout,
+            "no STUN server answered; announcing this host's own addresses (set --public-ip behind a NAT)"
+        ),
+    }
+    ips
 }
 
 fn main() -> anyhow::Result<()> {
@@ -349,9 +390,21 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the runtime")?;
             rt.block_on(async move {
                 let metrics = std::sync::Arc::new(metrics::Metrics::new());
+                if let (Some(listen), Some(alt)) = (config.stun_listen, config.stun_alternate_ip) {
+                    let server = stun::StunServer::bind(listen, alt, config.stun_alternate_port)
+                        .await
+                        .context("starting the RFC 5780 STUN server")?;
+                    tracing::info!(primary = %server.primary(), other = %server.other(), "STUN server (RFC 5780)");
+                    tokio::spawn(async move {
+                        if let Err(err) = server.run().await {
+                            tracing::error!(%err, "STUN server stopped");
+                        }
+                    });
+                }
+                let public_ips = public_addresses(&config).await;
                 let media = media::start(
                     SocketAddr::new(config.rtc_bind, config.rtc_port),
-                    &config.public_ip,
+                    &public_ips,
                     metrics.clone(),
                 )?;
                 server::run(config, media, metrics).await

@@ -117,7 +117,7 @@ pub fn start(
 
 /// The addresses of this host that browsers can reach: the one of the default route, and
 /// loopback for clients on this machine.
-fn host_addresses() -> Vec<IpAddr> {
+pub fn host_addresses() -> Vec<IpAddr> {
     let mut ips = Vec::new();
     // Connecting a UDP socket sends nothing; it only asks the kernel for the route's source.
     if let Ok(s) = std::net::UdpSocket::bind("0.0.0.0:0")

@@ -49,6 +49,8 @@ struct AppState {
     auth: Arc<Auth>,
     drain_requested: Arc<tokio::sync::Notify>,
     ice: Arc<IceServers>,
+    /// The RFC 5780 STUN server's two addresses, for the diagnostics page.
+    nat_stun: Vec<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -129,6 +131,13 @@ pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> an
         auth: Arc::new(auth),
         drain_requested: Arc::new(tokio::sync::Notify::new()),
         ice: Arc::new(ice),
+        nat_stun: match (config.stun_listen, config.stun_alternate_ip) {
+            (Some(listen), Some(alt)) => vec![
+                format!("stun:{listen}"),
+                format!("stun:{}", SocketAddr::new(alt, config.stun_alternate_port)),
+            ],
+            _ => Vec::new(),
+        },
     };
     let drain_requested = state.drain_requested.clone();
     let admin = Router::new()
@@ -144,6 +153,7 @@ pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> an
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/ice-servers", get(ice_servers))
+        .route("/diag-info", get(diag_info))
         .route("/ws", get(ws_upgrade))
         .with_state(state.clone());
     match config.admin_http {
@@ -281,6 +291,19 @@ async fn ice_servers(
             (header::CACHE_CONTROL, "no-store"),
         ],
         body,
+    )
+        .into_response()
+}
+
+/// `GET /diag-info`: what the diagnostics page needs besides `/ice-servers`.
+async fn diag_info(State(state): State<AppState>) -> Response {
+    let body = serde_json::json!({
+        "nat_stun": state.nat_stun,
+        "turn": !state.ice.turn.is_empty(),
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
     )
         .into_response()
 }

@@ -569,7 +569,6 @@ fn unspecified_like(addr: SocketAddr) -> SocketAddr {
 
 /// This host's public IP address as the first answering STUN server sees it; `None` when no
 /// server answers within `timeout`. The servers are asked at the same time.
-#[cfg_attr(not(test), allow(dead_code))]
 pub async fn discover_public_ip(servers: &[String], timeout: Duration) -> Option<IpAddr> {
     let mut asks = tokio::task::JoinSet::new();
     for server in servers {

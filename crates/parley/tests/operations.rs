@@ -465,3 +465,119 @@ async fn a_call_moved_to_the_sfu_admits_its_two_users_only() {
     })
     .await;
 }
+
+/// Starts `parley serve` with `args` and returns its log up to "ready" (the server is killed).
+fn serve_log(args: &[&str]) -> String {
+    use std::io::BufRead;
+    let http = format!("127.0.0.1:{}", free_tcp_port());
+    let rtc = free_udp_port().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args(["serve", "--http", &http, "--rtc-port", &rtc])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("parley starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let ready = line.contains("Parley is ready");
+            if tx.send(line).is_err() || ready {
+                return;
+            }
+        }
+    });
+    let mut log = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while let Ok(line) =
+        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("Parley is ready") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    log
+}
+
+#[test]
+fn the_public_address_is_learnt_from_stun_unless_configured() {
+    let stun_port = free_udp_port();
+    let listen = format!("127.0.0.1:{stun_port}");
+    let mut stun = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args([
+            "stun-server",
+            "--listen",
+            &listen,
+            "--alternate-ip",
+            "127.0.0.2",
+        ])
+        .args(["--alternate-port", &free_udp_port().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("stun server starts");
+    std::thread::sleep(Duration::from_millis(300));
+    let server = format!("stun:{listen}");
+    let log = serve_log(&["--stun-server", &server]);
+    assert!(log.contains("public address learnt from STUN"), "{log}");
+    assert!(log.contains("127.0.0.1"), "{log}");
+    // --public-ip wins: no STUN lookup at all.
+    let log = serve_log(&["--stun-server", &server, "--public-ip", "192.0.2.77"]);
+    assert!(!log.contains("learnt from STUN"), "{log}");
+    assert!(log.contains("192.0.2.77"), "{log}");
+    let _ = stun.kill();
+    let _ = stun.wait();
+    // Nobody answers: a clear line, and the host's own addresses.
+    let silent = format!("stun:127.0.0.1:{}", free_udp_port());
+    let log = serve_log(&["--stun-server", &silent]);
+    assert!(log.contains("no STUN server answered"), "{log}");
+}
+
+#[test]
+fn serve_runs_the_rfc5780_stun_server_that_nat_check_uses() {
+    let stun_port = free_udp_port();
+    let listen = format!("127.0.0.1:{stun_port}");
+    let alt_port = free_udp_port().to_string();
+    let http = format!("127.0.0.1:{}", free_tcp_port());
+    let rtc = free_udp_port().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
+        .args([
+            "serve",
+            "--http",
+            &http,
+            "--rtc-port",
+            &rtc,
+            "--public-ip",
+            "127.0.0.1",
+        ])
+        .args(["--stun-listen", &listen, "--stun-alternate-ip", "127.0.0.2"])
+        .args(["--stun-alternate-port", &alt_port])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("parley starts");
+    std::thread::sleep(Duration::from_millis(800));
+    let out = parley(&["nat-check", &listen, "--timeout-secs", "1"], &[]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("no NAT"), "{text}");
+    assert!(text.contains("peer-to-peer likely"), "{text}");
+}
