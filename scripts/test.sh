@@ -60,6 +60,7 @@ log "browser tests (headless Chromium)"
     node direct_call.mjs
     node ice_tcp.mjs
     node turn.mjs
+    node diag.mjs
     node denied.mjs
 )
 

@@ -138,7 +138,8 @@ const MIME = { ".html": "text/html", ".js": "text/javascript", ".css": "text/css
 function webRoute(p) {
   if (p === "/" || /^\/r\/[^/]*\/?$/.test(p)) return "web/app/index.html";
   if (/^\/u\/[^/]*\/?$/.test(p)) return "web/app/call.html";
-  if (p === "/app/app.js" || p === "/app/call.js" || p === "/app/style.css") return `web${p}`;
+  if (p === "/diag") return "web/app/diag.html";
+  if (p === "/app/app.js" || p === "/app/call.js" || p === "/app/diag.js" || p === "/app/style.css") return `web${p}`;
   if (p === "/sdk/parley.js" || p === "/sdk/calls.js") return `web${p}`;
   if (p === "/healthz") return "";
   return null;
@@ -224,6 +225,33 @@ export async function startStaticServer() {
     logTail: () => "(static server, no log)",
     stop: () => new Promise((r) => srv.close(() => r())),
   };
+}
+
+/**
+ * Starts Debian's coturn (`turnserver`) on 127.0.0.1:`port` with `use-auth-secret` (the TURN
+ * REST credentials Parley hands out with `--turn-secret`); relays on 127.0.0.1, loopback peers
+ * allowed. Returns the process; kill it with SIGKILL when done.
+ */
+export async function startCoturn({ port, secret, logFile = join(repoRoot, "tests/e2e/coturn.log") }) {
+  const out = createWriteStream(logFile);
+  const proc = spawn(
+    "turnserver",
+    [
+      "-n", "--listening-ip=127.0.0.1", `--listening-port=${port}`, "--relay-ip=127.0.0.1",
+      "--min-port=49160", "--max-port=49400", "--use-auth-secret", `--static-auth-secret=${secret}`,
+      "--realm=parley.test", "--allow-loopback-peers", "--no-cli", "--no-tls", "--no-dtls",
+      "--log-file=stdout", "--simple-log",
+    ],
+    { stdio: ["ignore", "pipe", "pipe"] },
+  );
+  proc.stdout.pipe(out);
+  proc.stderr.pipe(out);
+  process.on("exit", () => {
+    if (proc.exitCode === null) proc.kill("SIGKILL");
+  });
+  await sleep(800);
+  if (proc.exitCode !== null) throw new Error(`coturn exited at once (see ${logFile})`);
+  return proc;
 }
 
 /** Launches Debian's Chromium (never a downloaded browser). */
@@ -330,5 +358,23 @@ export function videoFramesFrom(pid) {
       }
     });
     return frames;
+  });
+}
+
+/**
+ * In a page: decoded video frames, and the local candidate of the selected pair (its type —
+ * host, srflx, relay — and protocol) of `window.parley.client.pc` (pass to page.evaluate).
+ */
+export function selectedPath() {
+  return window.parley.client.pc.getStats().then((stats) => {
+    let frames = 0;
+    let pairId = null;
+    stats.forEach((s) => {
+      if (s.type === "inbound-rtp" && s.kind === "video") frames += s.framesDecoded || 0;
+      if (s.type === "transport" && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId;
+    });
+    const pair = pairId && stats.get(pairId);
+    const local = pair && stats.get(pair.localCandidateId);
+    return { frames, protocol: local ? local.protocol : null, type: local ? local.candidateType : null };
   });
 }

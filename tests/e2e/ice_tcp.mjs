@@ -10,7 +10,7 @@ import { chmodSync, mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
-import { CHROMIUM_ARGS, closeAll, launchChromium, log, repoRoot, reportFailure, runTest, startServer, waitFor } from "./harness.mjs";
+import { CHROMIUM_ARGS, closeAll, launchChromium, log, repoRoot, reportFailure, runTest, startServer, waitFor, selectedPath } from "./harness.mjs";
 
 const id = process.pid % 200;
 const NS = `ptcp${process.pid}`;
@@ -48,19 +48,6 @@ let server = null;
 const browsers = [];
 const consoleLines = [];
 
-function transportOf() {
-  return window.parley.client.pc.getStats().then((stats) => {
-    let frames = 0;
-    let pairId = null;
-    stats.forEach((s) => {
-      if (s.type === "inbound-rtp" && s.kind === "video") frames += s.framesDecoded || 0;
-      if (s.type === "transport" && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId;
-    });
-    const pair = pairId && stats.get(pairId);
-    const local = pair && stats.get(pair.localCandidateId);
-    return { frames, protocol: local ? local.protocol : null };
-  });
-}
 
 await runTest("ice_tcp", {
   timeoutMs: 75000,
@@ -95,7 +82,7 @@ await runTest("ice_tcp", {
     try {
     await waitFor(
       async () => {
-        last = [await noUdp.evaluate(transportOf), await plainPage.evaluate(transportOf)];
+        last = [await noUdp.evaluate(selectedPath), await plainPage.evaluate(selectedPath)];
         return last[0].frames > 0 && last[1].frames > 0;
       },
       { timeoutMs: 30000, intervalMs: 250, message: "both browsers to decode each other's video" },

@@ -3,11 +3,10 @@
 // with the short-lived credentials Parley hands out; a wrong or expired credential is refused.
 //
 //   node tests/e2e/turn.mjs               (PARLEY_BIN, CHROMIUM override the binaries)
-import { spawn, spawnSync } from "node:child_process";
+import { spawnSync } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { createWriteStream } from "node:fs";
 import { join } from "node:path";
-import { closeAll, freeUdpPort, launchChromium, log, repoRoot, reportFailure, runTest, sleep, startServer, waitFor } from "./harness.mjs";
+import { closeAll, freeUdpPort, launchChromium, log, repoRoot, reportFailure, runTest, startCoturn, startServer, waitFor, selectedPath } from "./harness.mjs";
 
 const SECRET = "turn-shared-secret-for-e2e";
 let server = null;
@@ -15,57 +14,24 @@ let coturn = null;
 let browser = null;
 const consoleLines = [];
 
-async function startCoturn(port) {
-  const logFile = join(repoRoot, "tests/e2e/coturn.log");
-  const out = createWriteStream(logFile);
-  const proc = spawn(
-    "turnserver",
-    [
-      "-n", "--listening-ip=127.0.0.1", `--listening-port=${port}`, "--relay-ip=127.0.0.1",
-      "--min-port=49160", "--max-port=49400", "--use-auth-secret", `--static-auth-secret=${SECRET}`,
-      "--realm=parley.test", "--allow-loopback-peers", "--no-cli", "--no-tls", "--no-dtls",
-      "--log-file=stdout", "--simple-log",
-    ],
-    { stdio: ["ignore", "pipe", "pipe"] },
-  );
-  proc.stdout.pipe(out);
-  proc.stderr.pipe(out);
-  await sleep(800);
-  if (proc.exitCode !== null) throw new Error(`coturn exited at once (see ${logFile})`);
-  return proc;
-}
-
 /** Allocates on coturn with `turnutils_uclient` (from the coturn package); true if accepted. */
 function allocates(port, username, password) {
   const r = spawnSync(
     "turnutils_uclient",
     ["-p", String(port), "-u", username, "-w", password, "-e", "127.0.0.1", "-n", "1", "-c", "127.0.0.1"],
-    { timeout: 4000, encoding: "utf8" },
+    { timeout: 8000, encoding: "utf8" },
   );
   const text = `${r.stdout || ""}${r.stderr || ""}`;
   if (/Cannot complete Allocation|error 401|Unauthorized/i.test(text)) return false;
   return /tot_send_msgs=1/.test(text);
 }
 
-function selectedCandidateType() {
-  return window.parley.client.pc.getStats().then((stats) => {
-    let frames = 0;
-    let pairId = null;
-    stats.forEach((s) => {
-      if (s.type === "inbound-rtp" && s.kind === "video") frames += s.framesDecoded || 0;
-      if (s.type === "transport" && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId;
-    });
-    const pair = pairId && stats.get(pairId);
-    const local = pair && stats.get(pair.localCandidateId);
-    return { frames, type: local ? local.candidateType : null };
-  });
-}
 
 await runTest("turn", {
   timeoutMs: 90000,
   async body() {
     const port = await freeUdpPort();
-    coturn = await startCoturn(port);
+    coturn = await startCoturn({ port, secret: SECRET });
     server = await startServer({
       extraArgs: ["--turn-server", `turn:127.0.0.1:${port}?transport=udp`, "--turn-secret", SECRET],
       logFile: join(repoRoot, "tests/e2e/server-turn.log"),
@@ -94,7 +60,7 @@ await runTest("turn", {
     let last;
     await waitFor(
       async () => {
-        last = await Promise.all(pages.map((p) => p.evaluate(selectedCandidateType)));
+        last = await Promise.all(pages.map((p) => p.evaluate(selectedPath)));
         return last[0].frames > 0 && last[1].frames > 0;
       },
       { timeoutMs: 30000, intervalMs: 250, message: "video both ways with one browser relay-only" },

@@ -7,6 +7,7 @@ import {
   isValidRoomName,
   isValidDisplayName,
 } from "/sdk/parley.js";
+import { clearStatus, setStatus } from "/app/status.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -30,24 +31,6 @@ const state = {
 };
 window.parley = state;
 
-// ---- status area ------------------------------------------------------------------------------
-
-const status = $("status");
-
-function setStatus(key, text, kind = "info") {
-  let el = status.querySelector(`[data-key="${key}"]`);
-  if (!el) {
-    el = document.createElement("p");
-    el.dataset.key = key;
-    status.append(el);
-  }
-  el.dataset.kind = kind;
-  el.textContent = text;
-}
-
-function clearStatus(key) {
-  status.querySelector(`[data-key="${key}"]`)?.remove();
-}
 
 // ---- views ------------------------------------------------------------------------------------
 

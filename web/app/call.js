@@ -2,6 +2,7 @@
 // Built only on the SDKs' public APIs (/sdk/calls.js, /sdk/parley.js).
 import { CallClient, CALL_END_MESSAGES, isValidUserName } from "/sdk/calls.js";
 import { ERROR_MESSAGES, ParleyError, getLocalMedia } from "/sdk/parley.js";
+import { clearStatus, setStatus } from "/app/status.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -28,24 +29,6 @@ const state = {
 };
 window.parleyCalls = state;
 
-// ---- status area ------------------------------------------------------------------------------
-
-const status = $("status");
-
-function setStatus(key, text, kind = "info") {
-  let el = status.querySelector(`[data-key="${key}"]`);
-  if (!el) {
-    el = document.createElement("p");
-    el.dataset.key = key;
-    status.append(el);
-  }
-  el.dataset.kind = kind;
-  el.textContent = text;
-}
-
-function clearStatus(key) {
-  status.querySelector(`[data-key="${key}"]`)?.remove();
-}
 
 function show(view) {
   $("idle").hidden = view !== "idle";

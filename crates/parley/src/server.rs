@@ -148,6 +148,7 @@ pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> an
         .route("/", get(index))
         .route("/r/{room}", get(index))
         .route("/u/{user}", get(call_page))
+        .route("/diag", get(diag_page))
         .route("/app/{file}", get(app_asset))
         .route("/sdk/{file}", get(sdk_asset))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -608,6 +609,20 @@ const STYLE_CSS: &str = include_str!("../../../web/app/style.css");
 const SDK_JS: &str = include_str!("../../../web/sdk/parley.js");
 const CALL_HTML: &str = include_str!("../../../web/app/call.html");
 const CALL_JS: &str = include_str!("../../../web/app/call.js");
+const STATUS_JS: &str = include_str!("../../../web/app/status.js");
+const DIAG_HTML: &str = include_str!("../../../web/app/diag.html");
+const DIAG_JS: &str = include_str!("../../../web/app/diag.js");
+
+async fn diag_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        DIAG_HTML,
+    )
+        .into_response()
+}
 const CALLS_SDK_JS: &str = include_str!("../../../web/sdk/calls.js");
 
 async fn call_page(user: Option<Path<String>>) -> Response {
@@ -639,6 +654,8 @@ async fn app_asset(Path(file): Path<String>) -> Response {
         "app.js" => asset("text/javascript; charset=utf-8", APP_JS),
         "style.css" => asset("text/css; charset=utf-8", STYLE_CSS),
         "call.js" => asset("text/javascript; charset=utf-8", CALL_JS),
+        "status.js" => asset("text/javascript; charset=utf-8", STATUS_JS),
+        "diag.js" => asset("text/javascript; charset=utf-8", DIAG_JS),
         _ => StatusCode::NOT_FOUND.into_response(),
     }
 }
