@@ -4,6 +4,7 @@ mod auth;
 mod config;
 mod hub;
 mod ice;
+mod lt;
 mod media;
 mod metrics;
 mod server;
@@ -33,6 +34,8 @@ enum Command {
     Serve(ServeArgs),
     /// Mint an access token (JWT, HS256) for a room and an identity.
     Token(TokenArgs),
+    /// Load test: simulated users (real WebRTC clients) in many calls; a table and a JSON line.
+    Lt(lt::LtArgs),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -320,6 +323,13 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Lt(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(lt::run(args))
+        }
         Command::Config(ConfigCommand::Print(args)) => {
             let config = args.into_config()?;
             std::io::stdout().write_all(config.to_masked_toml()?.as_bytes())?;

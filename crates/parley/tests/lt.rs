@@ -1,0 +1,61 @@
+//! `parley lt` against the real binary: simulated WebRTC users in two calls, and the figures
+//! it reports (the final JSON line).
+
+mod support;
+
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+use support::*;
+
+#[tokio::test]
+async fn the_load_test_reports_joins_media_and_server_cost() {
+    within_time_limit(async {
+        let server = Server::start(&[]).await;
+        let url = format!("ws://{}/ws", server.http);
+        let pid = server.child.id().to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_parley"))
+                .args([
+                    "lt",
+                    "--calls",
+                    "2",
+                    "--users-per-call",
+                    "3",
+                    "--unmuted",
+                    "2",
+                ])
+                .args(["--duration", "3", "--join-duration", "1", "--url", &url])
+                .args(["--server-pid", &pid])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output()
+                .expect("parley lt runs")
+        })
+        .await
+        .expect("joined");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "{text}");
+        let last = text.lines().last().expect("a JSON line");
+        let v: Value = serde_json::from_str(last).expect("JSON");
+        assert_eq!(v["users"], 6, "{v}");
+        assert_eq!(v["calls"], 2, "{v}");
+        // Per call: the two unmuted users hear each other (50 + 50 packets/s), the muted one
+        // hears both (100): 200 packets/s per call.
+        let pps = v["rx_pps"].as_f64().expect("rx_pps");
+        assert!((300.0..=480.0).contains(&pps), "rx_pps {pps}: {text}");
+        assert!(v["loss_pct"].as_f64().expect("loss") < 2.0, "{v}");
+        assert!(v["join_ms_p99"].as_f64().expect("join") < 3000.0, "{v}");
+        assert!(v["delay_ms_p99"].as_f64().expect("delay") < 200.0, "{v}");
+        assert!(
+            v["server_cpu_us_per_pkt"].as_f64().expect("cpu") > 0.0,
+            "{v}"
+        );
+        assert!(v["server_rss_mb"].as_f64().expect("rss") > 1.0, "{v}");
+        assert!(
+            text.contains("measured on"),
+            "says which receivers were measured: {text}"
+        );
+    })
+    .await;
+}
