@@ -139,8 +139,7 @@ function webRoute(p) {
   if (p === "/" || /^\/r\/[^/]*\/?$/.test(p)) return "web/app/index.html";
   if (/^\/u\/[^/]*\/?$/.test(p)) return "web/app/call.html";
   if (p === "/diag") return "web/app/diag.html";
-  if (p === "/app/app.js" || p === "/app/call.js" || p === "/app/diag.js" || p === "/app/style.css") return `web${p}`;
-  if (p === "/sdk/parley.js" || p === "/sdk/calls.js") return `web${p}`;
+  if (/^\/(app|sdk)\/[a-z]+\.(js|css)$/.test(p)) return `web${p}`;
   if (p === "/healthz") return "";
   return null;
 }

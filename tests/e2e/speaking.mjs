@@ -34,6 +34,8 @@ await runTest("speaking", {
     const quietId = await idOf(pages.Quiet);
     await pages.Quiet.waitForSelector(`.tile[data-participant="${loudId}"][data-speaking="true"]`, { timeout: 15000 });
     log(`Quiet sees Loud (${loudId}) highlighted as speaking`);
+    await pages.Quiet.waitForSelector(`.tile[data-participant="${loudId}"][data-dominant="true"]`, { timeout: 10000 });
+    log(`Quiet sees Loud as the dominant speaker`);
     // The silent participant is never marked as speaking, on either screen.
     for (let i = 0; i < 10; i++) {
       const marked = await pages.Loud.evaluate((id) => document.querySelector(`.tile[data-participant="${id}"]`)?.dataset.speaking, quietId);

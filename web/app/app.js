@@ -1,13 +1,11 @@
 // Parley call UI, built only on the SDK's public API.
 import {
   ParleyClient,
-  ParleyError,
   ERROR_MESSAGES,
-  getLocalMedia,
   isValidRoomName,
   isValidDisplayName,
 } from "/sdk/parley.js";
-import { clearStatus, setStatus } from "/app/status.js";
+import { clearStatus, setStatus, startLocalMedia as startLocalMediaOnce } from "/app/ui.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -83,27 +81,8 @@ function showHome(prefill = "") {
 
 // ---- local media ------------------------------------------------------------------------------
 
-let mediaPromise = null;
-
 function startLocalMedia() {
-  if (!mediaPromise) {
-    mediaPromise = getLocalMedia({ audio: true, video: true }).then(
-      (stream) => {
-        state.localStream = stream;
-        clearStatus("media");
-        if (!stream.getAudioTracks().length) setStatus("media", "No microphone found; others will not hear you.", "warn");
-        else if (!stream.getVideoTracks().length) setStatus("media", "No camera found; joining with audio only.", "warn");
-        return stream;
-      },
-      (err) => {
-        state.mediaError = err;
-        const text = err instanceof ParleyError ? err.message : ERROR_MESSAGES.media_error;
-        setStatus("media", text, "error");
-        return null;
-      },
-    );
-  }
-  return mediaPromise;
+  return startLocalMediaOnce(state, "No camera found; joining with audio only.");
 }
 
 function showLobby(room) {

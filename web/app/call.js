@@ -1,8 +1,7 @@
 // Parley direct calls page (/u/NAME): this tab is a device of user NAME; it calls and is called.
 // Built only on the SDKs' public APIs (/sdk/calls.js, /sdk/parley.js).
 import { CallClient, CALL_END_MESSAGES, isValidUserName } from "/sdk/calls.js";
-import { ERROR_MESSAGES, ParleyError, getLocalMedia } from "/sdk/parley.js";
-import { clearStatus, setStatus } from "/app/status.js";
+import { clearStatus, setStatus, startLocalMedia as startLocalMediaOnce } from "/app/ui.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -50,26 +49,8 @@ const initial = (name) => [...String(name || "?").trim()][0]?.toUpperCase() || "
 
 // ---- local media ------------------------------------------------------------------------------
 
-let mediaPromise = null;
-
 function startLocalMedia() {
-  if (!mediaPromise) {
-    mediaPromise = getLocalMedia({ audio: true, video: true }).then(
-      (stream) => {
-        state.localStream = stream;
-        clearStatus("media");
-        if (!stream.getAudioTracks().length) setStatus("media", "No microphone found; others will not hear you.", "warn");
-        else if (!stream.getVideoTracks().length) setStatus("media", "No camera found; calls are audio only.", "warn");
-        return stream;
-      },
-      (err) => {
-        state.mediaError = err;
-        setStatus("media", err instanceof ParleyError ? err.message : ERROR_MESSAGES.media_error, "error");
-        return null;
-      },
-    );
-  }
-  return mediaPromise;
+  return startLocalMediaOnce(state, "No camera found; calls are audio only.");
 }
 
 function showPreview(stream) {

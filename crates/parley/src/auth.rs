@@ -64,7 +64,11 @@ impl Auth {
 
     /// Whether `secret` is the secret of one of the keys (for the admin API).
     pub fn is_secret(&self, secret: &str) -> bool {
-        self.keys.values().any(|s| s == secret)
+        // Constant time: the comparison must not tell an attacker how much of a secret matched.
+        self.keys.values().any(|s| {
+            aws_lc_rs::constant_time::verify_slices_are_equal(s.as_bytes(), secret.as_bytes())
+                .is_ok()
+        })
     }
 
     /// Checks a token for `room`.

@@ -113,6 +113,8 @@ pub struct Hub {
     /// Direct calls: the devices of each user, and the calls.
     users: HashMap<String, Vec<u64>>,
     calls: HashMap<String, calls::Call>,
+    /// The dominant speaker of each room, for newcomers.
+    dominant: HashMap<String, u64>,
 }
 
 impl Hub {
@@ -129,6 +131,7 @@ impl Hub {
             draining: false,
             users: HashMap::new(),
             calls: HashMap::new(),
+            dominant: HashMap::new(),
         }
     }
 
@@ -223,7 +226,7 @@ impl Hub {
         let sent_before = self.out.len();
         match frame.msg {
             ClientMsg::Join { room, name, token } => {
-                self.join(conn, joined, room, name, token, frame.seq, now)
+                self.join(conn, joined, room, name, token, frame.seq)
             }
             ClientMsg::Offer { sdp, tracks } => {
                 if let Some(p) = self.joined(conn, joined, frame.seq) {
@@ -299,13 +302,15 @@ impl Hub {
             ClientMsg::Register { user, token } => {
                 self.register(conn, joined, user, token, frame.seq)
             }
-            ClientMsg::Call { call, to } => self.call(conn, joined, call, to, frame.seq, now),
-            ClientMsg::CallCancel { call } => self.call_cancel(conn, joined, &call, frame.seq),
-            ClientMsg::CallAnswer { call } => self.call_answer(conn, joined, &call, frame.seq),
-            ClientMsg::CallDecline { call } => self.call_decline(conn, joined, &call, frame.seq),
-            ClientMsg::CallHangup { call } => self.call_hangup(conn, joined, &call, frame.seq),
-            ClientMsg::CallSignal { call, data } => {
-                self.call_signal(conn, joined, &call, data, frame.seq)
+            msg @ (ClientMsg::Call { .. }
+            | ClientMsg::CallCancel { .. }
+            | ClientMsg::CallAnswer { .. }
+            | ClientMsg::CallDecline { .. }
+            | ClientMsg::CallHangup { .. }
+            | ClientMsg::CallSignal { .. }) => {
+                if let Some(me) = self.device(conn, joined, frame.seq) {
+                    self.call_message(me, conn, msg, frame.seq, now);
+                }
             }
             ClientMsg::Ping => self.out.push(Output::Send(
                 conn,
@@ -347,6 +352,7 @@ impl Hub {
             }
             MediaEvent::DominantSpeaker { .. } => {
                 if let Some(room) = self.participants.get(&pid).map(|p| p.room.clone()) {
+                    self.dominant.insert(room.clone(), pid);
                     let id = wire_id(pid);
                     self.broadcast(&room, None, ServerMsg::DominantSpeaker { id });
                 }
@@ -402,9 +408,7 @@ impl Hub {
         name: String,
         token: Option<String>,
         seq: Option<u64>,
-        now: Instant,
     ) {
-        let _ = now;
         if joined.is_some() {
             self.error(
                 conn,
@@ -537,6 +541,10 @@ impl Hub {
             Some(id),
             ServerMsg::ParticipantJoined { participant: info },
         );
+        // Like `speaking` in the participant list: a newcomer learns who talks already.
+        if let Some(d) = self.dominant.get(&room).copied() {
+            self.send(id, ServerMsg::DominantSpeaker { id: wire_id(d) });
+        }
     }
 
     fn resume(&mut self, conn: ConnId, joined: Option<u64>, token: &str, ack: u64) {
@@ -679,6 +687,9 @@ impl Hub {
                 participant: p.identity.clone(),
                 name: p.name.clone(),
             }));
+        if self.dominant.get(&p.room) == Some(&pid) {
+            self.dominant.remove(&p.room);
+        }
         if let Some(members) = self.rooms.get_mut(&p.room) {
             members.retain(|m| *m != pid);
             if members.is_empty() {

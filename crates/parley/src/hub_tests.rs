@@ -1072,6 +1072,21 @@ fn frames_from_unopened_connections_are_ignored() {
 }
 
 #[test]
+fn a_newcomer_learns_the_dominant_speaker() {
+    let mut h = TestHub::new(None);
+    let (_, ada, _) = h.join("room", "Ada");
+    let session = SessionId(ada.trim_start_matches('p').parse().expect("wire id"));
+    h.media_event(MediaEvent::DominantSpeaker { session });
+    let b = h.open();
+    h.send(b, r#"{"seq":1,"type":"join","room":"room","name":"Bob"}"#);
+    let msgs = h.take_msgs(b);
+    assert!(
+        matches!(msgs.as_slice(), [ServerMsg::Joined { .. }, ServerMsg::DominantSpeaker { id }] if *id == ada),
+        "{msgs:?}"
+    );
+}
+
+#[test]
 fn a_newcomer_learns_who_is_speaking_already() {
     let mut h = TestHub::new(None);
     let (_, ada, _) = h.join("room", "Ada");

@@ -72,18 +72,16 @@ pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> an
             "no API keys configured: open mode, anyone who can reach this server can join any room"
         );
     }
-    let webhooks = match (&config.webhook_urls[..], &config.webhook_secret) {
-        ([], _) => None,
-        (urls, Some(secret)) => {
-            let wc = WebhookConfig {
-                urls: urls.to_vec(),
-                secret: secret.clone(),
-                ..WebhookConfig::default()
-            };
-            wc.validate().context("webhook_urls")?;
-            Some(Webhooks::start(wc))
-        }
-        (_, None) => anyhow::bail!("webhook_secret: required when webhook_urls are set"),
+    let webhooks = if config.webhook_urls.is_empty() {
+        None
+    } else {
+        let wc = WebhookConfig {
+            urls: config.webhook_urls.clone(),
+            secret: config.webhook_secret.clone().unwrap_or_default(),
+            ..WebhookConfig::default()
+        };
+        wc.validate().context("webhook_urls")?;
+        Some(Webhooks::start(wc))
     };
     let ice = IceServers {
         stun: config.stun_servers.clone(),
@@ -145,10 +143,10 @@ pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> an
         .route("/admin/drain", post(admin_drain))
         .with_state(state.clone());
     let mut app = Router::new()
-        .route("/", get(index))
-        .route("/r/{room}", get(index))
-        .route("/u/{user}", get(call_page))
-        .route("/diag", get(diag_page))
+        .route("/", get(|| async { page(INDEX_HTML) }))
+        .route("/r/{room}", get(|| async { page(INDEX_HTML) }))
+        .route("/u/{user}", get(|| async { page(CALL_HTML) }))
+        .route("/diag", get(|| async { page(DIAG_HTML) }))
         .route("/app/{file}", get(app_asset))
         .route("/sdk/{file}", get(sdk_asset))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -496,7 +494,7 @@ async fn connection(mut socket: WebSocket, state: AppState) {
                 };
                 idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
                 if matches!(msg, Message::Text(_) | Message::Binary(_)) {
-                    state.metrics.ws_message("in");
+                    state.metrics.ws_message(true);
                 }
                 if matches!(msg, Message::Text(_) | Message::Binary(_)) && !bucket.take(Instant::now()) {
                     let refuse = HubIn::Refuse(conn, ErrorCode::RateLimited, format!(
@@ -530,7 +528,7 @@ async fn connection(mut socket: WebSocket, state: AppState) {
             out = rx.recv() => {
                 match out {
                     Some(Outbound::Text(t)) => {
-                        state.metrics.ws_message("out");
+                        state.metrics.ws_message(false);
                         if socket.send(Message::Text(t.into())).await.is_err() {
                             break;
                         }
@@ -609,52 +607,18 @@ const STYLE_CSS: &str = include_str!("../../../web/app/style.css");
 const SDK_JS: &str = include_str!("../../../web/sdk/parley.js");
 const CALL_HTML: &str = include_str!("../../../web/app/call.html");
 const CALL_JS: &str = include_str!("../../../web/app/call.js");
-const STATUS_JS: &str = include_str!("../../../web/app/status.js");
+const UI_JS: &str = include_str!("../../../web/app/ui.js");
 const DIAG_HTML: &str = include_str!("../../../web/app/diag.html");
 const DIAG_JS: &str = include_str!("../../../web/app/diag.js");
 
-async fn diag_page() -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        DIAG_HTML,
-    )
-        .into_response()
-}
 const CALLS_SDK_JS: &str = include_str!("../../../web/sdk/calls.js");
-
-async fn call_page(user: Option<Path<String>>) -> Response {
-    let _ = user;
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        CALL_HTML,
-    )
-        .into_response()
-}
-
-async fn index(room: Option<Path<String>>) -> Response {
-    let _ = room;
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CACHE_CONTROL, "no-cache"),
-        ],
-        INDEX_HTML,
-    )
-        .into_response()
-}
 
 async fn app_asset(Path(file): Path<String>) -> Response {
     match file.as_str() {
         "app.js" => asset("text/javascript; charset=utf-8", APP_JS),
         "style.css" => asset("text/css; charset=utf-8", STYLE_CSS),
         "call.js" => asset("text/javascript; charset=utf-8", CALL_JS),
-        "status.js" => asset("text/javascript; charset=utf-8", STATUS_JS),
+        "ui.js" => asset("text/javascript; charset=utf-8", UI_JS),
         "diag.js" => asset("text/javascript; charset=utf-8", DIAG_JS),
         _ => StatusCode::NOT_FOUND.into_response(),
     }
@@ -666,6 +630,11 @@ async fn sdk_asset(Path(file): Path<String>) -> Response {
         "calls.js" => asset("text/javascript; charset=utf-8", CALLS_SDK_JS),
         _ => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+/// An HTML page of the web client (every path under it serves the same page).
+fn page(html: &'static str) -> Response {
+    asset("text/html; charset=utf-8", html)
 }
 
 fn asset(mime: &'static str, body: &'static str) -> Response {

@@ -33,7 +33,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::rtp::Vp8Descriptor;
 
 use alloc::{Choice, Demand, LayerInfo};
-use session::{Incoming, Pause, Session, TrackOut, TrackOutMid};
+use session::{Incoming, Pause, Session, TrackOut};
 use speaking::DominantSpeaker;
 
 pub use stats::{AUDIO, ICE_STATES, Sample, SfuStats, VIDEO};
@@ -481,8 +481,8 @@ impl Sfu {
                     self.request_keyframe(publisher, mid, rid, KeyframeRequestKind::Pli, now);
                 }
             }
-            for (mid, pkt) in out.packets {
-                self.forward(sid, mid, &pkt, now);
+            for (mid, rid, pkt) in out.packets {
+                self.forward(sid, mid, rid, &pkt, now);
             }
         }
     }
@@ -527,7 +527,14 @@ impl Sfu {
         }
     }
 
-    fn forward(&mut self, sid: SessionId, mid: Mid, pkt: &str0m::rtp::RtpPacket, now: Instant) {
+    fn forward(
+        &mut self,
+        sid: SessionId,
+        mid: Mid,
+        rid: Option<Rid>,
+        pkt: &str0m::rtp::RtpPacket,
+        now: Instant,
+    ) {
         let Some(publisher) = self.sessions.get_mut(&sid) else {
             return;
         };
@@ -541,11 +548,6 @@ impl Sfu {
             return;
         };
         let red = params.red() == Some(in_pt);
-        let rid = publisher
-            .rtc
-            .direct_api()
-            .stream_rx(&pkt.header.ssrc)
-            .and_then(|s| s.rid());
         let is_vp8 = params.spec().codec == Codec::Vp8;
         let vp8 = if is_vp8 {
             Vp8Descriptor::parse(&pkt.payload).ok()
@@ -730,7 +732,7 @@ impl Sfu {
                 });
             }
             if was_bw != is_bw
-                && let TrackOutMid::Open(mid) = t.open_mid()
+                && let Some(mid) = t.open_mid()
                 && let Some(tx) = sub.rtc.direct_api().stream_tx_by_mid(mid, None)
             {
                 // Resends of a paused video would only compete with the audio.

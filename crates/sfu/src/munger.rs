@@ -71,10 +71,6 @@ impl Munger {
         s.first_in_seq = seq;
     }
 
-    pub fn started(&self) -> bool {
-        self.state.is_some()
-    }
-
     /// The outgoing fields of a packet of the current layer, or `None` to drop it.
     pub fn map(
         &mut self,

@@ -170,12 +170,6 @@ pub(crate) enum TrackState {
     NegotiatingStop(Mid),
 }
 
-/// The subscriber-side mid of a track, once negotiated.
-pub(crate) enum TrackOutMid {
-    Open(Mid),
-    NotOpen,
-}
-
 /// Why a subscriber gets no video of a track.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pause {
@@ -235,10 +229,11 @@ impl TrackOut {
         matches!(self.state, TrackState::Open(_))
     }
 
-    pub fn open_mid(&self) -> TrackOutMid {
+    /// The subscriber-side mid, once negotiated.
+    pub fn open_mid(&self) -> Option<Mid> {
         match self.state {
-            TrackState::Open(m) => TrackOutMid::Open(m),
-            _ => TrackOutMid::NotOpen,
+            TrackState::Open(m) => Some(m),
+            _ => None,
         }
     }
 
@@ -262,7 +257,8 @@ pub(crate) struct PollOut {
     /// (publisher, its mid, rid, kind) to ask for a keyframe.
     pub keyframe_requests: Vec<(SessionId, Mid, Option<Rid>, KeyframeRequestKind)>,
     pub connected: bool,
-    pub packets: Vec<(Mid, RtpPacket)>,
+    /// Packets received, with the mid and rid of their stream.
+    pub packets: Vec<(Mid, Option<Rid>, RtpPacket)>,
 }
 
 /// Turns one RTCP-derived reading into histogram samples (jitter from RTP clock units).
@@ -659,7 +655,7 @@ impl Session {
                         });
                     }
                 }
-                out.packets.push((mid, pkt));
+                out.packets.push((mid, rid, pkt));
             }
             Event::MediaIngressStats(s) => {
                 let kind = self
@@ -727,9 +723,6 @@ impl Session {
             t.munger
                 .switch(*pkt.seq_no, pkt.header.timestamp, pic, tl0, now);
             t.current = Some(inc.rid);
-            if !t.munger.started() {
-                return false;
-            }
         }
         if t.paused.is_some() {
             return false;

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use parley_proto::signal::{CallEndReason, CallRole, ErrorCode, ServerMsg, validate_room_name};
+use parley_proto::signal::{
+    CallEndReason, CallRole, ClientMsg, ErrorCode, ServerMsg, validate_room_name,
+};
 
 use super::{ConnId, Hub, Output, Participant, wire_id};
 use crate::webhook::WebhookEvent;
@@ -106,7 +108,12 @@ impl Hub {
     }
 
     /// The device speaking on `conn`, or an error to it.
-    fn device(&mut self, conn: ConnId, joined: Option<u64>, seq: Option<u64>) -> Option<u64> {
+    pub(super) fn device(
+        &mut self,
+        conn: ConnId,
+        joined: Option<u64>,
+        seq: Option<u64>,
+    ) -> Option<u64> {
         match joined {
             Some(pid)
                 if self
@@ -155,18 +162,35 @@ impl Hub {
         );
     }
 
-    pub(super) fn call(
+    /// A call message from device `me` (on `conn`).
+    pub(super) fn call_message(
         &mut self,
+        me: u64,
         conn: ConnId,
-        joined: Option<u64>,
+        msg: ClientMsg,
+        seq: Option<u64>,
+        now: Instant,
+    ) {
+        match msg {
+            ClientMsg::Call { call, to } => self.call(me, conn, call, to, seq, now),
+            ClientMsg::CallCancel { call } => self.call_cancel(me, &call),
+            ClientMsg::CallAnswer { call } => self.answer(me, &call),
+            ClientMsg::CallDecline { call } => self.call_decline(me, &call),
+            ClientMsg::CallHangup { call } => self.call_hangup(me, &call),
+            ClientMsg::CallSignal { call, data } => self.call_signal(me, &call, data),
+            _ => {}
+        }
+    }
+
+    fn call(
+        &mut self,
+        me: u64,
+        conn: ConnId,
         call: String,
         to: String,
         seq: Option<u64>,
         now: Instant,
     ) {
-        let Some(me) = self.device(conn, joined, seq) else {
-            return;
-        };
         if call.is_empty() || call.len() > 64 || self.calls.contains_key(&call) {
             let msg = "a call needs a new id of 1 to 64 characters".into();
             self.error(conn, ErrorCode::BadMessage, msg, seq);
@@ -260,19 +284,6 @@ impl Hub {
         );
     }
 
-    pub(super) fn call_answer(
-        &mut self,
-        conn: ConnId,
-        joined: Option<u64>,
-        call: &str,
-        seq: Option<u64>,
-    ) {
-        let Some(me) = self.device(conn, joined, seq) else {
-            return;
-        };
-        self.answer(me, call);
-    }
-
     /// Device `me` answers `call`: it wins if the call still rings on it.
     fn answer(&mut self, me: u64, call: &str) {
         let Some(c) = self.calls.get_mut(call) else {
@@ -321,16 +332,7 @@ impl Hub {
         }));
     }
 
-    pub(super) fn call_decline(
-        &mut self,
-        conn: ConnId,
-        joined: Option<u64>,
-        call: &str,
-        seq: Option<u64>,
-    ) {
-        let Some(me) = self.device(conn, joined, seq) else {
-            return;
-        };
+    fn call_decline(&mut self, me: u64, call: &str) {
         let ringing_here = self.calls.get(call).is_some_and(
             |c| matches!(&c.state, State::Ringing { devices } if devices.contains(&me)),
         );
@@ -355,31 +357,13 @@ impl Hub {
         }));
     }
 
-    pub(super) fn call_cancel(
-        &mut self,
-        conn: ConnId,
-        joined: Option<u64>,
-        call: &str,
-        seq: Option<u64>,
-    ) {
-        let Some(me) = self.device(conn, joined, seq) else {
-            return;
-        };
+    fn call_cancel(&mut self, me: u64, call: &str) {
         if self.calls.get(call).is_some_and(|c| c.caller == me) {
             self.finish(call, CallEndReason::Cancelled, Some(me));
         }
     }
 
-    pub(super) fn call_hangup(
-        &mut self,
-        conn: ConnId,
-        joined: Option<u64>,
-        call: &str,
-        seq: Option<u64>,
-    ) {
-        let Some(me) = self.device(conn, joined, seq) else {
-            return;
-        };
+    fn call_hangup(&mut self, me: u64, call: &str) {
         let Some(c) = self.calls.get(call) else {
             return;
         };
@@ -422,17 +406,7 @@ impl Hub {
         }
     }
 
-    pub(super) fn call_signal(
-        &mut self,
-        conn: ConnId,
-        joined: Option<u64>,
-        call: &str,
-        data: serde_json::Value,
-        seq: Option<u64>,
-    ) {
-        let Some(me) = self.device(conn, joined, seq) else {
-            return;
-        };
+    fn call_signal(&mut self, me: u64, call: &str, data: serde_json::Value) {
         let Some(c) = self.calls.get_mut(call) else {
             return; // Ended meanwhile: late candidates are expected.
         };
