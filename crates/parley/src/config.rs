@@ -62,6 +62,16 @@ pub struct Config {
     pub webhook_urls: Vec<String>,
     /// Secret of the webhook signatures (`X-Parley-Signature`).
     pub webhook_secret: Option<String>,
+    /// Run the media plane in this process (the integrated mode); false: `parley serve` binds
+    /// no media port and places calls on dedicated media nodes that connect to `/media-node`.
+    pub local_media: bool,
+    /// Shared secret of signaling and its media nodes (required with `local_media = false`
+    /// and by `parley media`).
+    pub node_secret: Option<String>,
+    /// `parley media`: the signaling server's node endpoint, like ws://host:8080/media-node.
+    pub signaling_url: Option<String>,
+    /// `parley media`: this node's name towards signaling; unset: the host name.
+    pub node_id: Option<String>,
 }
 
 impl Default for Config {
@@ -93,21 +103,32 @@ impl Default for Config {
             drain_grace_secs: 5 * 3600,
             webhook_urls: Vec::new(),
             webhook_secret: None,
+            local_media: true,
+            node_secret: None,
+            signaling_url: None,
+            node_id: None,
         }
     }
 }
 
 impl Config {
+    /// Reads a config file. It is validated once the environment and flags are applied, so
+    /// that a key in the file may need another that comes from the environment (a secret).
     pub fn from_file(path: &Path) -> anyhow::Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        Self::from_toml(&text).with_context(|| format!("in config file {}", path.display()))
+        Self::parse_toml(&text).with_context(|| format!("in config file {}", path.display()))
     }
 
+    #[cfg(test)]
     pub fn from_toml(text: &str) -> anyhow::Result<Config> {
-        let config: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let config = Self::parse_toml(text)?;
         config.validate()?;
         Ok(config)
+    }
+
+    fn parse_toml(text: &str) -> anyhow::Result<Config> {
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -164,6 +185,44 @@ impl Config {
                 IpAddr::from([0, 0, 0, 0])
             );
         }
+        if !self.local_media && self.node_secret.is_none() {
+            anyhow::bail!(
+                "node_secret: required when local_media = false (media nodes authenticate with it)"
+            );
+        }
+        if self.node_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            anyhow::bail!("node_secret: shorter than 16 characters");
+        }
+        if let Some(url) = &self.signaling_url
+            && !url.starts_with("ws://")
+        {
+            anyhow::bail!(
+                "signaling_url: {url:?} is not a ws:// URL (like ws://signaling:8080/media-node; \
+                 wss:// is not supported yet: keep this link on the internal network)"
+            );
+        }
+        if let Some(id) = &self.node_id
+            && (id.is_empty()
+                || id.len() > 63
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            anyhow::bail!("node_id: {id:?} must be 1 to 63 letters, digits, '-', '_' or '.'");
+        }
+        Ok(())
+    }
+
+    /// What `parley media` needs beyond [`Config::validate`].
+    pub fn validate_media_node(&self) -> anyhow::Result<()> {
+        if self.signaling_url.is_none() {
+            anyhow::bail!(
+                "signaling_url: required by a media node (like ws://signaling:8080/media-node)"
+            );
+        }
+        if self.node_secret.is_none() {
+            anyhow::bail!("node_secret: required by a media node (the same as signaling's)");
+        }
         Ok(())
     }
 }
@@ -180,6 +239,9 @@ impl Config {
         }
         if masked.webhook_secret.is_some() {
             masked.webhook_secret = Some("********".into());
+        }
+        if masked.node_secret.is_some() {
+            masked.node_secret = Some("********".into());
         }
         Ok(toml::to_string(&masked)?)
     }
@@ -229,5 +291,23 @@ mod more_tests {
         assert!(format!("{err:#}").contains("api_keys"), "{err:#}");
         let err = Config::from_toml("webhook_urls = [\"http://x/\"]").expect_err("no secret");
         assert!(format!("{err:#}").contains("webhook_secret"), "{err:#}");
+    }
+
+    #[test]
+    fn split_mode_needs_a_node_secret_which_is_masked() {
+        let err = Config::from_toml("local_media = false").expect_err("no secret");
+        assert!(format!("{err:#}").contains("node_secret"), "{err:#}");
+        let err = Config::from_toml("local_media = false\nnode_secret = \"short\"")
+            .expect_err("short secret");
+        assert!(format!("{err:#}").contains("node_secret"), "{err:#}");
+        let c = Config::from_toml("local_media = false\nnode_secret = \"0123456789abcdef-node\"")
+            .expect("valid");
+        let text = c.to_masked_toml().expect("printable");
+        assert!(!text.contains("0123456789abcdef-node"), "{text}");
+        assert!(text.contains("node_secret = \"********\""), "{text}");
+        let err = Config::from_toml("signaling_url = \"http://x/\"").expect_err("not ws");
+        assert!(format!("{err:#}").contains("signaling_url"), "{err:#}");
+        let err = Config::default().validate_media_node().expect_err("no URL");
+        assert!(format!("{err:#}").contains("signaling_url"), "{err:#}");
     }
 }

@@ -7,6 +7,7 @@ mod ice;
 mod lt;
 mod media;
 mod metrics;
+mod nodes;
 mod server;
 mod stun;
 mod tls;
@@ -30,8 +31,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run Parley: web client, signaling and the SFU in one process.
+    /// Run Parley: web client, signaling and the SFU in one process (with --no-local-media,
+    /// the SFU runs on dedicated media nodes instead: `parley media`).
     Serve(ServeArgs),
+    /// Run a dedicated media node: the SFU only, driven by a signaling server it connects to.
+    Media(MediaArgs),
     /// Mint an access token (JWT, HS256) for a room and an identity.
     Token(TokenArgs),
     /// Load test: simulated users (real WebRTC clients) in many calls; a table and a JSON line.
@@ -194,6 +198,98 @@ struct ServeArgs {
     /// Secret of the webhook signatures.
     #[arg(long, env = "PARLEY_WEBHOOK_SECRET")]
     webhook_secret: Option<String>,
+    /// Run the SFU in this process [default: true]; false is --no-local-media.
+    #[arg(
+        long,
+        env = "PARLEY_LOCAL_MEDIA",
+        value_name = "BOOL",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    local_media: Option<bool>,
+    /// Bind no media port: place calls on dedicated media nodes (`parley media`), which
+    /// connect to /media-node with the node secret.
+    #[arg(long)]
+    no_local_media: bool,
+    /// Shared secret of signaling and its media nodes (16 characters or more).
+    #[arg(long, env = "PARLEY_NODE_SECRET")]
+    node_secret: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct MediaArgs {
+    /// TOML config file (see deploy/parley.sample.toml).
+    #[arg(long, env = "PARLEY_CONFIG")]
+    config: Option<PathBuf>,
+    /// The signaling server's node endpoint, like ws://signaling:8080/media-node.
+    #[arg(long, env = "PARLEY_SIGNALING_URL")]
+    signaling_url: Option<String>,
+    /// Shared secret of signaling and its media nodes.
+    #[arg(long, env = "PARLEY_NODE_SECRET")]
+    node_secret: Option<String>,
+    /// This node's name towards signaling [default: the host name].
+    #[arg(long, env = "PARLEY_NODE_ID")]
+    node_id: Option<String>,
+    /// HTTP address of /healthz, /readyz and /metrics [default: 0.0.0.0:8080].
+    #[arg(long, env = "PARLEY_HTTP")]
+    http: Option<SocketAddr>,
+    /// The one UDP (and ICE-TCP) port for media [default: 8443].
+    #[arg(long, env = "PARLEY_RTC_PORT")]
+    rtc_port: Option<u16>,
+    /// Address the media port binds to [default: 0.0.0.0].
+    #[arg(long, env = "PARLEY_RTC_BIND")]
+    rtc_bind: Option<IpAddr>,
+    /// Address to announce in ICE candidates (repeatable); default: this host's addresses.
+    #[arg(long, env = "PARLEY_PUBLIC_IP", value_delimiter = ',')]
+    public_ip: Option<Vec<IpAddr>>,
+    /// STUN server to learn the public address from when --public-ip is unset (repeatable).
+    #[arg(
+        long = "stun-server",
+        env = "PARLEY_STUN_SERVERS",
+        value_delimiter = ','
+    )]
+    stun_servers: Option<Vec<String>>,
+    /// Seconds calls may go on after a drain starts [default: 18000].
+    #[arg(long, env = "PARLEY_DRAIN_GRACE_SECS")]
+    drain_grace_secs: Option<u64>,
+}
+
+impl MediaArgs {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if self.signaling_url.is_some() {
+            c.signaling_url = self.signaling_url;
+        }
+        if self.node_secret.is_some() {
+            c.node_secret = self.node_secret;
+        }
+        if self.node_id.is_some() {
+            c.node_id = self.node_id;
+        }
+        if let Some(v) = self.http {
+            c.http = v;
+        }
+        if let Some(v) = self.rtc_port {
+            c.rtc_port = v;
+        }
+        if let Some(v) = self.rtc_bind {
+            c.rtc_bind = v;
+        }
+        if let Some(v) = self.public_ip {
+            c.public_ip = v;
+        }
+        if let Some(v) = self.stun_servers {
+            c.stun_servers = v;
+        }
+        if let Some(v) = self.drain_grace_secs {
+            c.drain_grace_secs = v;
+        }
+        c.validate()?;
+        c.validate_media_node()?;
+        Ok(c)
+    }
 }
 
 impl ServeArgs {
@@ -283,6 +379,15 @@ impl ServeArgs {
         }
         if self.webhook_secret.is_some() {
             c.webhook_secret = self.webhook_secret;
+        }
+        if let Some(v) = self.local_media {
+            c.local_media = v;
+        }
+        if self.no_local_media {
+            c.local_media = false;
+        }
+        if self.node_secret.is_some() {
+            c.node_secret = self.node_secret;
         }
         c.validate()?;
         Ok(c)
@@ -411,13 +516,36 @@ fn main() -> anyhow::Result<()> {
                         }
                     });
                 }
+                if !config.local_media {
+                    let secret = config.node_secret.clone().unwrap_or_default();
+                    let (media, nodes) = nodes::router(secret, metrics.clone());
+                    tracing::info!("no local media: calls go to media nodes on /media-node");
+                    return server::run(config, media, Some(nodes), metrics).await;
+                }
                 let public_ips = public_addresses(&config).await;
                 let media = media::start(
                     SocketAddr::new(config.rtc_bind, config.rtc_port),
                     &public_ips,
                     metrics.clone(),
                 )?;
-                server::run(config, media, metrics).await
+                server::run(config, media, None, metrics).await
+            })
+        }
+        Command::Media(args) => {
+            let config = args.into_config()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(async move {
+                let metrics = std::sync::Arc::new(metrics::Metrics::new());
+                let public_ips = public_addresses(&config).await;
+                let media = media::start(
+                    SocketAddr::new(config.rtc_bind, config.rtc_port),
+                    &public_ips,
+                    metrics.clone(),
+                )?;
+                nodes::run_node(config, media, metrics).await
             })
         }
     }

@@ -21,6 +21,7 @@ use crate::hub::{ConnId, Hub, HubConfig, Output};
 use crate::ice::IceServers;
 use crate::media::MediaPlane;
 use crate::metrics::Metrics;
+use crate::nodes::NodeAcceptor;
 use crate::webhook::{WebhookConfig, Webhooks};
 
 /// Messages from connection tasks (and the admin side) to the hub task.
@@ -51,6 +52,8 @@ struct AppState {
     ice: Arc<IceServers>,
     /// The RFC 5780 STUN server's two addresses, for the diagnostics page.
     nat_stun: Vec<String>,
+    /// Dedicated media nodes connect here (`local_media = false`).
+    nodes: Option<NodeAcceptor>,
 }
 
 #[derive(Clone, Copy)]
@@ -65,7 +68,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Queue depth towards one client; a client this far behind is cut off (it can resume).
 const CONN_QUEUE: usize = 1024;
 
-pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    media: MediaPlane,
+    nodes: Option<NodeAcceptor>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
     let auth = Auth::new(config.api_keys.clone());
     if auth.is_open() {
         tracing::warn!(
@@ -136,11 +144,13 @@ pub async fn run(config: Config, media: MediaPlane, metrics: Arc<Metrics>) -> an
             ],
             _ => Vec::new(),
         },
+        nodes,
     };
     let drain_requested = state.drain_requested.clone();
     let admin = Router::new()
         .route("/metrics", get(metrics_text))
         .route("/admin/drain", post(admin_drain))
+        .route("/media-node", get(media_node_upgrade))
         .with_state(state.clone());
     let mut app = Router::new()
         .route("/", get(|| async { page(INDEX_HTML) }))
@@ -308,14 +318,50 @@ async fn diag_info(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
+    let mut text = state.metrics.render();
+    if let Some(nodes) = &state.nodes {
+        nodes.add_metrics(&mut text);
+    }
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics.render(),
+        text,
     )
         .into_response()
+}
+
+/// `GET /media-node`: a dedicated media node's WebSocket, with
+/// `Authorization: Bearer <node_secret>`.
+async fn media_node_upgrade(
+    ws: WebSocketUpgrade,
+    headers: axum::http::HeaderMap,
+    State(state): State<AppState>,
+) -> Response {
+    let Some(nodes) = state.nodes.clone() else {
+        return (
+            StatusCode::NOT_FOUND,
+            "this server runs its own media (local_media = true)\n",
+        )
+            .into_response();
+    };
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !bearer.is_some_and(|b| nodes.is_secret(b)) {
+        state.metrics.error("media_node_unauthorized");
+        tracing::warn!("a media node was refused: wrong or missing node secret");
+        return (
+            StatusCode::UNAUTHORIZED,
+            "the node secret is required: Authorization: Bearer <node_secret>\n",
+        )
+            .into_response();
+    }
+    ws.max_message_size(crate::nodes::MAX_MESSAGE)
+        .max_frame_size(crate::nodes::MAX_MESSAGE)
+        .on_upgrade(move |socket| crate::nodes::serve_node(socket, nodes))
 }
 
 /// `POST /admin/drain`: with API keys configured, `Authorization: Bearer <an API secret>`.

@@ -203,3 +203,77 @@ pub async fn within_time_limit(test: impl std::future::Future<Output = ()>) {
         .await
         .expect("the test finishes in time");
 }
+
+/// A running `parley media` (a dedicated media node), killed on drop.
+pub struct MediaNode {
+    pub child: Child,
+    /// Its /healthz, /readyz and /metrics.
+    pub http: SocketAddr,
+}
+
+impl MediaNode {
+    /// Starts a media node on free loopback ports that connects to `signaling`'s /media-node.
+    pub fn spawn(signaling: SocketAddr, secret: &str, id: &str) -> MediaNode {
+        let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let rtc_port = free_udp_port().to_string();
+        let url = format!("ws://{signaling}/media-node");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
+        cmd.args([
+            "media",
+            "--http",
+            &http.to_string(),
+            "--signaling-url",
+            &url,
+        ])
+        .args(["--node-secret", secret, "--node-id", id])
+        .args(["--rtc-port", &rtc_port, "--rtc-bind", "127.0.0.1"])
+        .args(["--public-ip", "127.0.0.1"])
+        .env_remove("PARLEY_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+        if std::env::var_os("PARLEY_TEST_LOG").is_none() {
+            cmd.stderr(Stdio::null());
+        }
+        let child = cmd.spawn().expect("the parley binary starts");
+        MediaNode { child, http }
+    }
+}
+
+impl Drop for MediaNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET path` over HTTP/1.0: the status code and the body (0 and "" if nothing answers).
+pub async fn get_text(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let req = format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(REPLY, s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
+
+/// The value of the metric line that starts with `series` (name and labels), if present.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(series)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
