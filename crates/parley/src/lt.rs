@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use parley_client::{ClientConfig, ClientStats};
+use parley_client::{ClientConfig, ClientStats, Target};
 
 /// Receivers that record every packet's delay; the others only count.
 const MEASURED_USERS: usize = 10;
@@ -24,10 +24,10 @@ pub struct LtArgs {
     /// Users per call who send audio (50 packets/s, Opus-sized).
     #[arg(long, default_value = "1")]
     unmuted: usize,
-    /// Screen sharers per call (not supported yet: must be 0).
+    /// Users per call who share a screen (VP8, ~1.6 Mbit/s, 15 fps, a keyframe every 3 s).
     #[arg(long, default_value = "0")]
     screen_sharing: usize,
-    /// Camera senders per call (not supported yet: must be 0).
+    /// Users per call who send camera video (VP8 simulcast in three layers, 30 fps).
     #[arg(long, default_value = "0")]
     video: usize,
     /// Seconds of steady load after everyone joined.
@@ -36,12 +36,13 @@ pub struct LtArgs {
     /// Seconds over which the users join.
     #[arg(long, default_value = "2")]
     join_duration: u64,
-    /// Signaling URL, like ws://127.0.0.1:8080/ws.
+    /// Server URL: ws://HOST:PORT/ws (parley), ws://HOST:PORT (janus's WebSocket API),
+    /// udp://HOST:PORT (the floor forwarder of bench/floor).
     #[arg(long)]
     url: String,
-    /// Server adapter (only "parley" so far).
+    /// Server adapter: parley, janus (VideoRoom plugin) or floor (plain UDP fan-out).
     #[arg(long, default_value = "parley")]
-    target: String,
+    target: Target,
     /// The server's process id, for its CPU time and memory from /proc.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -78,21 +79,17 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 pub async fn run(args: LtArgs) -> anyhow::Result<()> {
-    if args.target != "parley" {
-        bail!(
-            "target {:?}: only the parley adapter exists so far",
-            args.target
-        );
-    }
-    if args.screen_sharing > 0 || args.video > 0 {
-        bail!("--screen-sharing and --video are not supported yet: this lt sends audio only");
-    }
-    if args.unmuted > args.users_per_call {
-        bail!(
-            "--unmuted {} is more than --users-per-call {}",
-            args.unmuted,
-            args.users_per_call
-        );
+    for (flag, n) in [
+        ("--unmuted", args.unmuted),
+        ("--screen-sharing", args.screen_sharing),
+        ("--video", args.video),
+    ] {
+        if n > args.users_per_call {
+            bail!(
+                "{flag} {n} is more than --users-per-call {}",
+                args.users_per_call
+            );
+        }
     }
     let total = args.calls * args.users_per_call;
     let rx = Arc::new(AtomicU64::new(0));
@@ -103,10 +100,14 @@ pub async fn run(args: LtArgs) -> anyhow::Result<()> {
     for call in 0..args.calls {
         for user in 0..args.users_per_call {
             let cfg = ClientConfig {
+                target: args.target,
                 url: args.url.clone(),
                 room: format!("lt-{call}"),
+                room_number: 7_000 + call as u64,
                 name: format!("user-{call}-{user}"),
                 send_audio: user < args.unmuted,
+                send_video: user < args.video,
+                send_screen: user < args.screen_sharing,
                 measure: n < MEASURED_USERS,
                 rx_counter: Some(rx.clone()),
             };
@@ -159,7 +160,12 @@ pub async fn run(args: LtArgs) -> anyhow::Result<()> {
     let mut failures = Vec::new();
     for t in tasks {
         match tokio::time::timeout(Duration::from_secs(10), t).await {
-            Ok(Ok(Ok(s))) => stats.push(s),
+            Ok(Ok(Ok(s))) => {
+                if s.join.is_none() {
+                    failures.push("media never connected".into());
+                }
+                stats.push(s);
+            }
             Ok(Ok(Err(e))) => failures.push(format!("{e:#}")),
             Ok(Err(e)) => failures.push(e.to_string()),
             Err(_) => failures.push("a user did not stop in time".into()),
@@ -192,8 +198,8 @@ pub async fn run(args: LtArgs) -> anyhow::Result<()> {
     writeln!(out, "target                 {}", args.target)?;
     writeln!(
         out,
-        "calls × users          {} × {} ({} unmuted each)",
-        args.calls, args.users_per_call, args.unmuted
+        "calls × users          {} × {} (each: {} unmuted, {} camera, {} screen)",
+        args.calls, args.users_per_call, args.unmuted, args.video, args.screen_sharing
     )?;
     writeln!(
         out,
@@ -228,7 +234,7 @@ pub async fn run(args: LtArgs) -> anyhow::Result<()> {
         writeln!(out, "failure: {f}")?;
     }
     let json = serde_json::json!({
-        "target": args.target,
+        "target": args.target.to_string(),
         "calls": args.calls,
         "users": total,
         "join_ms_p50": percentile(&joins, 50.0),
