@@ -8,17 +8,22 @@ VideoRoom plugin, creates a room, checks the errors the load-test adapter relies
 missing room, 427 for a room created twice, 428 for a feed that is not publishing), joins as a
 publisher, publishes with an SDP offer (audio + video, all candidates in the SDP,
 "trickle": false) and checks that Janus answers with its candidates and end-of-candidates in
-the SDP. No media flows (there is no DTLS peer behind the fake offer). Exits non-zero on any
-surprise. With -v every message is printed to stderr.
+the SDP, then runs ICE connectivity checks both ways between a UDP socket of its own (on
+CHECK_ICE_IP, default the source address of the default route, like start.sh) and Janus's
+candidate. No DTLS, no media. Exits non-zero on any surprise. With -v every message is printed
+to stderr. CHECK_ICE_IP=127.0.0.1 shows that Janus does not talk ICE with a 127.0.0.1 peer.
 """
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import socket
 import struct
 import sys
 import time
+import zlib
 from urllib.parse import urlparse
 
 VERBOSE = "-v" in sys.argv
@@ -131,7 +136,9 @@ def plugin_data(m):
     return m.get("plugindata", {}).get("data", {})
 
 
-FAKE_OFFER = "\r\n".join([
+MY_UFRAG = "abcd"
+MY_PWD = "abcdefghijklmnopqrstuvwx"
+OFFER_TEMPLATE = "\r\n".join([
     "v=0",
     "o=- 1 1 IN IP4 127.0.0.1",
     "s=-",
@@ -141,10 +148,10 @@ FAKE_OFFER = "\r\n".join([
     "m=audio 9 UDP/TLS/RTP/SAVPF 111",
     "c=IN IP4 127.0.0.1",
     "a=rtcp:9 IN IP4 0.0.0.0",
-    "a=candidate:1 1 udp 2130706431 127.0.0.1 50000 typ host",
+    "a=candidate:1 1 udp 2130706431 {ip} {port} typ host",
     "a=end-of-candidates",
-    "a=ice-ufrag:abcd",
-    "a=ice-pwd:abcdefghijklmnopqrstuvwx",
+    "a=ice-ufrag:" + MY_UFRAG,
+    "a=ice-pwd:" + MY_PWD,
     "a=fingerprint:sha-256 " + ":".join(["AB"] * 32),
     "a=setup:actpass",
     "a=mid:0",
@@ -156,8 +163,8 @@ FAKE_OFFER = "\r\n".join([
     "m=video 9 UDP/TLS/RTP/SAVPF 96",
     "c=IN IP4 127.0.0.1",
     "a=rtcp:9 IN IP4 0.0.0.0",
-    "a=ice-ufrag:abcd",
-    "a=ice-pwd:abcdefghijklmnopqrstuvwx",
+    "a=ice-ufrag:" + MY_UFRAG,
+    "a=ice-pwd:" + MY_PWD,
     "a=fingerprint:sha-256 " + ":".join(["AB"] * 32),
     "a=setup:actpass",
     "a=mid:1",
@@ -169,6 +176,65 @@ FAKE_OFFER = "\r\n".join([
     "a=ssrc:2222 cname:check",
     "",
 ])
+
+
+def stun_request(username, pwd, tx):
+    """A STUN Binding request as an ICE controlling agent would send it (RFC 8445 / 5389)."""
+    def attr(t, v):
+        return struct.pack("!HH", t, len(v)) + v + b"\0" * (-len(v) % 4)
+    attrs = attr(0x0006, username.encode())           # USERNAME
+    attrs += attr(0x0024, struct.pack("!I", 1862270719))  # PRIORITY
+    attrs += attr(0x802A, os.urandom(8))              # ICE-CONTROLLING
+    attrs += attr(0x0025, b"")                        # USE-CANDIDATE
+    head = struct.pack("!HHI", 0x0001, len(attrs) + 24, 0x2112A442) + tx
+    mac = hmac.new(pwd.encode(), head + attrs, hashlib.sha1).digest()
+    attrs += attr(0x0008, mac)                        # MESSAGE-INTEGRITY
+    head = struct.pack("!HHI", 0x0001, len(attrs) + 8, 0x2112A442) + tx
+    crc = (zlib.crc32(head + attrs) ^ 0x5354554E) & 0xFFFFFFFF
+    attrs += attr(0x8028, struct.pack("!I", crc))     # FINGERPRINT
+    return head + attrs
+
+
+def ice_check(udp, answer):
+    """Both directions of ICE between our socket and Janus's candidate: Janus's own
+    connectivity checks must reach us, and our Binding request must get a success."""
+    lines = answer.split("\r\n")
+    ufrag = next(l[len("a=ice-ufrag:"):] for l in lines if l.startswith("a=ice-ufrag:"))
+    pwd = next(l[len("a=ice-pwd:"):] for l in lines if l.startswith("a=ice-pwd:"))
+    c = next(l for l in lines if l.startswith("a=candidate:")).split()
+    janus_addr = (c[4], int(c[5]))
+    tx = os.urandom(12)
+    udp.settimeout(0.2)
+    got_check = got_response = False
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (got_check and got_response):
+        if not got_response:
+            udp.sendto(stun_request(f"{ufrag}:{MY_UFRAG}", pwd, tx), janus_addr)
+        try:
+            data, src = udp.recvfrom(2048)
+        except socket.timeout:
+            continue
+        if len(data) < 20:
+            continue
+        kind, = struct.unpack("!H", data[:2])
+        if VERBOSE:
+            print(f"<< udp {kind:#06x} from {src}", file=sys.stderr)
+        if kind == 0x0001 and src == janus_addr:
+            got_check = True   # Janus's check (we do not answer it; its integrity is ours)
+        elif kind == 0x0101 and data[8:20] == tx:
+            got_response = True
+    if not got_check:
+        fail(f"no ICE connectivity check from Janus's {janus_addr} reached {udp.getsockname()}")
+    if not got_response:
+        fail(f"no STUN success response from Janus's {janus_addr} to {udp.getsockname()}")
+    return janus_addr
+
+
+def default_route_ip():
+    """The source address of the default route, as start.sh picks for Janus (nothing is sent)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("1.1.1.1", 9))
+    return s.getsockname()[0]
 
 
 def main():
@@ -229,7 +295,10 @@ def main():
     if plugin_data(m).get("error_code") != 428:
         fail("subscribing to a feed that is not publishing should fail with 428", m)
 
-    m = msg({"request": "publish"}, {"type": "offer", "sdp": FAKE_OFFER, "trickle": False})
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind((os.environ.get("CHECK_ICE_IP") or default_route_ip(), 0))
+    offer = OFFER_TEMPLATE.replace("{port}", str(udp.getsockname()[1])).replace("{ip}", udp.getsockname()[0])
+    m = msg({"request": "publish"}, {"type": "offer", "sdp": offer, "trickle": False})
     d = plugin_data(m)
     if m["janus"] != "event" or d.get("configured") != "ok" or "jsep" not in m:
         fail("publish with an offer", m)
@@ -237,6 +306,8 @@ def main():
     cands = [line for line in answer.split("\r\n") if line.startswith("a=candidate:")]
     if m["jsep"]["type"] != "answer" or not cands or "a=end-of-candidates" not in answer:
         fail("the answer should carry Janus's candidates and end-of-candidates", m)
+
+    janus_addr = ice_check(udp, answer)
 
     m = j.request({"janus": "keepalive", "session_id": session}, ("ack", "error"))
     if m["janus"] != "ack":
@@ -249,9 +320,9 @@ def main():
     if m["janus"] != "success":
         fail("destroy session", m)
 
-    print(f"ok: Janus answered create/attach/create room/join/publish in "
-          f"{(time.monotonic() - t0) * 1000:.0f} ms; answer candidates: "
-          + "; ".join(c[len("a=candidate:"):] for c in cands))
+    print(f"ok: create/attach/create room/join/publish/ICE in "
+          f"{(time.monotonic() - t0) * 1000:.0f} ms; ICE checks both ways between "
+          f"{udp.getsockname()[0]}:{udp.getsockname()[1]} and Janus's candidate {janus_addr[0]}:{janus_addr[1]}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ fi
 
 ice_ip=${JANUS_ICE_IP:-}
 if [[ -z $ice_ip ]] && command -v ip >/dev/null; then
-    ice_ip=$(ip -4 route get 192.0.2.255 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p' | head -n1)
+    ice_ip=$(ip -4 route get 1.1.1.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p' | head -n1)
 fi
 if [[ -z $ice_ip ]]; then
     ice_ip=$(hostname -I 2>/dev/null | tr ' ' '\n' | grep -v -e '^127\.' -e ':' -e '^$' | head -n1 || true)
