@@ -6,7 +6,9 @@ define/include, pipelines, parentheses, quote, default, toYaml, toJson, nindent,
 the chart with its default values and with a set of values that switches everything on, and
 checks that every document is valid YAML with the fields Kubernetes requires, that the
 ConfigMap's parley.toml is valid TOML with keys Parley knows, that probes name declared ports,
-that selectors match pod labels and that PARLEY_* variables are ones Parley reads.
+that selectors match pod labels, that PARLEY_* variables are ones Parley reads, and that each
+mode is wired as it should be (split: signaling with --no-local-media, media nodes on the host
+network dialing the Service's /media-node with the node secret from the Secret).
 
     python3 deploy/helm/check.py            # check
     python3 deploy/helm/check.py --show     # also print the rendered manifests
@@ -387,6 +389,64 @@ def check(name, rendered, problems):
     return kinds
 
 
+def check_mode(name, values, rendered, problems):
+    """The mode is real: integrated runs everything in the host-networked Deployment; split runs
+    signaling without media there and media nodes in a DaemonSet that dials the Service."""
+    docs = [
+        d for text in rendered.values() for d in yaml.safe_load_all(text) if d is not None
+    ]
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+
+    def pod(kind):
+        objs = by_kind.get(kind, [])
+        return objs[0]["spec"]["template"]["spec"] if objs else None
+
+    def env(container, key):
+        return next((e for e in container.get("env", []) if e["name"] == key), None)
+
+    signaling = pod("Deployment")
+    sig = signaling["containers"][0]
+    if values["mode"] == "integrated":
+        if not signaling.get("hostNetwork"):
+            problems.append(f"{name}: integrated: the Deployment needs host networking")
+        if "--no-local-media" in sig["args"] or "DaemonSet" in by_kind:
+            problems.append(f"{name}: integrated: media must run in the Deployment")
+        return
+    if signaling.get("hostNetwork"):
+        problems.append(f"{name}: split: signaling should not use host networking")
+    if sig["args"][0] != "serve" or "--no-local-media" not in sig["args"]:
+        problems.append(f"{name}: split: signaling must run serve --no-local-media: {sig['args']}")
+    if by_kind["Deployment"][0]["spec"].get("strategy", {}).get("type") != "Recreate":
+        problems.append(f"{name}: split: signaling must be replaced, not surged (Recreate)")
+    if values["signaling"]["replicas"] != 1:
+        problems.append(f"{name}: split: media nodes connect to one signaling process")
+    media = pod("DaemonSet")
+    if media is None:
+        problems.append(f"{name}: split: no media DaemonSet")
+        return
+    node = media["containers"][0]
+    if not media.get("hostNetwork") or node["args"][0] != "media":
+        problems.append(f"{name}: split: the DaemonSet must run `parley media` on the host network")
+    service = by_kind["Service"][0]
+    want = "ws://{}.{}.svc:{}/media-node".format(
+        service["metadata"]["name"], "calls", service["spec"]["ports"][0]["port"]
+    )
+    url = (env(node, "PARLEY_SIGNALING_URL") or {}).get("value")
+    if url != want:
+        problems.append(f"{name}: split: media nodes dial {url!r}, the Service is {want!r}")
+    secret_name = values.get("existingSecret") or "parley"
+    for who, c in (("signaling", sig), ("media", node)):
+        ref = ((env(c, "PARLEY_NODE_SECRET") or {}).get("valueFrom") or {}).get("secretKeyRef")
+        if not ref or ref.get("name") != secret_name or ref.get("key") != "PARLEY_NODE_SECRET":
+            problems.append(f"{name}: split: {who} does not read PARLEY_NODE_SECRET from the Secret")
+    if not values.get("existingSecret"):
+        data = by_kind["Secret"][0].get("stringData", {})
+        if not data.get("PARLEY_NODE_SECRET"):
+            problems.append(f"{name}: split: the Secret has no PARLEY_NODE_SECRET")
+
+
 def merge(base, extra):
     out = copy.deepcopy(base)
     for k, v in extra.items():
@@ -412,7 +472,8 @@ def main():
             "sysctlInit": {"enabled": True},
             "imagePullSecrets": [{"name": "registry"}],
             "service": {"annotations": {"a": "b"}},
-            "signaling": {"replicas": 3, "nodeSelector": {"role": "signal"}},
+            "nodeSecret": "0123456789abcdef-node",
+            "signaling": {"nodeSelector": {"role": "signal"}},
             "media": {
                 "nodeSelector": {"parley.io/media": "true"},
                 "tolerations": [{"key": "media", "operator": "Exists"}],
@@ -420,12 +481,14 @@ def main():
         },
     )
     integrated_extras = merge(everything, {"mode": "integrated", "existingSecret": "mine"})
+    split_existing = merge(everything, {"existingSecret": "mine", "nodeSecret": ""})
     show = "--show" in sys.argv
     problems = []
     for name, values in [
         ("defaults", defaults),
         ("split+everything", everything),
         ("integrated+everything", integrated_extras),
+        ("split+existingSecret", split_existing),
     ]:
         try:
             rendered = render_chart(values)
@@ -436,6 +499,7 @@ def main():
             for file, text in rendered.items():
                 print(f"# ---- {name}: {file}\n{text}")
         kinds = check(name, rendered, problems)
+        check_mode(name, values, rendered, problems)
         print(f"{name}: {', '.join(kinds)}", file=sys.stderr)
     for p in problems:
         print(f"PROBLEM: {p}", file=sys.stderr)

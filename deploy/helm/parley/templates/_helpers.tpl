@@ -49,6 +49,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   valueFrom:
     secretKeyRef: {name: {{ include "parley.secretName" . }}, key: PARLEY_TURN_SECRET, optional: true}
 {{- end }}
+{{- if eq .Values.mode "split" }}
+- name: PARLEY_NODE_SECRET
+  valueFrom:
+    secretKeyRef: {name: {{ include "parley.secretName" . }}, key: PARLEY_NODE_SECRET}
+{{- end }}
 {{- if .Values.env }}
 {{ toYaml .Values.env }}
 {{- end }}
@@ -64,4 +69,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     privileged: true
     runAsNonRoot: false
     runAsUser: 0
+{{- end }}
+
+{{/* The signaling Service's /media-node endpoint, which media nodes dial (split mode). */}}
+{{- define "parley.signalingUrl" -}}
+ws://{{ include "parley.fullname" . }}.{{ .Release.Namespace }}.svc:{{ .Values.service.port }}/media-node
 {{- end }}
