@@ -255,9 +255,22 @@ struct MediaArgs {
 
 impl MediaArgs {
     fn into_config(self) -> anyhow::Result<Config> {
-        let mut c = match &self.config {
+        let file = match &self.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
+        };
+        // The file may be the one signaling reads too: only the keys a media node uses count.
+        let mut c = Config {
+            http: file.http,
+            rtc_port: file.rtc_port,
+            rtc_bind: file.rtc_bind,
+            public_ip: file.public_ip,
+            stun_servers: file.stun_servers,
+            drain_grace_secs: file.drain_grace_secs,
+            node_secret: file.node_secret,
+            signaling_url: file.signaling_url,
+            node_id: file.node_id,
+            ..Config::default()
         };
         if self.signaling_url.is_some() {
             c.signaling_url = self.signaling_url;

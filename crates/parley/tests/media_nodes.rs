@@ -233,3 +233,35 @@ async fn losing_a_node_closes_its_sessions_while_the_other_call_goes_on() {
     .await
     .expect("the test finishes in time");
 }
+
+#[test]
+fn missing_keys_are_named() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args(args)
+            .env_remove("PARLEY_CONFIG")
+            .env_remove("PARLEY_NODE_SECRET")
+            .stdin(Stdio::null())
+            .output()
+            .expect("parley runs")
+    };
+    let out = run(&["serve", "--no-local-media", "--http", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node_secret"), "{err}");
+    let out = run(&["media", "--node-secret", SECRET]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("signaling_url"), "{err}");
+    let out = run(&[
+        "config",
+        "print",
+        "--no-local-media",
+        "--node-secret",
+        SECRET,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("local_media = false"), "{text}");
+    assert!(!text.contains(SECRET), "the secret is masked: {text}");
+}
