@@ -39,6 +39,9 @@ pub struct Metrics {
     pub participants_active: Gauge,
     pub state_changes: Family<StateLabel, Counter>,
     pub errors: Family<KindLabel, Counter>,
+    /// Media sessions advanced by their timer, and polled in all.
+    pub session_timeouts: Counter,
+    pub session_polls: Counter,
     pub rtp_packets: Family<RtpLabels, Counter>,
     pub rtp_bytes: Family<RtpLabels, Counter>,
     pub ws_connections_active: Gauge,
@@ -67,6 +70,8 @@ impl Metrics {
             participants_active: Gauge::default(),
             state_changes: Family::default(),
             errors: Family::default(),
+            session_timeouts: Counter::default(),
+            session_polls: Counter::default(),
             rtp_packets: Family::default(),
             rtp_bytes: Family::default(),
             ws_connections_active: Gauge::default(),
@@ -121,6 +126,16 @@ impl Metrics {
             m.state_changes.clone(),
         );
         p.register("errors", "Errors by kind", m.errors.clone());
+        p.register(
+            "media_session_timeouts",
+            "Media sessions advanced because their timer was due",
+            m.session_timeouts.clone(),
+        );
+        p.register(
+            "media_session_polls",
+            "Media session polls (timer, datagram or command)",
+            m.session_polls.clone(),
+        );
         p.register("rtp_packets", "RTP packets", m.rtp_packets.clone());
         p.register("rtp_bytes", "RTP payload bytes", m.rtp_bytes.clone());
         p.register(
@@ -241,6 +256,10 @@ impl Metrics {
                     .inc_by(now - before);
             }
         }
+        self.session_timeouts
+            .inc_by(stats.session_timeouts.saturating_sub(last.session_timeouts));
+        self.session_polls
+            .inc_by(stats.session_polls.saturating_sub(last.session_polls));
         *last = stats.clone();
         for s in samples {
             match s {

@@ -58,8 +58,13 @@ pub struct Sfu {
     timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
     events: VecDeque<MediaEvent>,
     transmits: VecDeque<Transmit>,
-    /// Sessions whose output must be polled before the next wait.
-    to_drive: Vec<SessionId>,
+    /// Sessions whose output must be polled before the next wait, in the order they got work
+    /// (each once: [`Session::queued`]). Datagrams only queue their session; the polling waits
+    /// until the caller asks for output, so a batch of datagrams costs each subscriber one
+    /// round of str0m's polling, not one per forwarded packet.
+    to_drive: VecDeque<SessionId>,
+    /// The time of the newest input not yet driven.
+    pending_now: Option<Instant>,
     /// Dominant speaker per room.
     dominant: HashMap<String, DominantSpeaker>,
     /// When layer selection, dynacast and speaker detection run next.
@@ -98,7 +103,8 @@ impl Sfu {
             timers: BinaryHeap::new(),
             events: VecDeque::new(),
             transmits: VecDeque::new(),
-            to_drive: Vec::new(),
+            to_drive: VecDeque::new(),
+            pending_now: None,
             dominant: HashMap::new(),
             next_tick: None,
             stats: SfuStats::default(),
@@ -190,12 +196,22 @@ impl Sfu {
             tracing::debug!(session = %sid, %err, "input refused");
             self.stats.inputs_refused += 1;
         }
-        self.to_drive.push(sid);
-        self.drive_all(now);
+        // str0m wants its output drained after each input, so this session is polled now;
+        // the subscribers its packets were written to wait until the caller asks for output.
+        self.drive_session(sid, now);
+        self.pending_now = Some(now);
+    }
+
+    /// Polls the sessions that datagrams gave work to.
+    fn drive_pending(&mut self) {
+        if let Some(now) = self.pending_now.take() {
+            self.drive_all(now);
+        }
     }
 
     /// The earliest time [`Sfu::handle_timeout`] must be called.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
+        self.drive_pending();
         let mut session = None;
         while let Some(Reverse((at, sid))) = self.timers.peek().copied() {
             match self.sessions.get(&sid) {
@@ -227,10 +243,11 @@ impl Sfu {
             if session.next_timeout != at {
                 continue;
             }
+            self.stats.session_timeouts += 1;
             if let Err(err) = session.rtc.handle_input(Input::Timeout(now)) {
                 tracing::debug!(session = %sid, %err, "timeout refused");
             }
-            self.to_drive.push(sid);
+            queue(&mut self.to_drive, session);
         }
         if self.next_tick.is_some_and(|t| t <= now) {
             self.tick(now);
@@ -239,10 +256,12 @@ impl Sfu {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.drive_pending();
         self.transmits.pop_front()
     }
 
     pub fn poll_event(&mut self) -> Option<MediaEvent> {
+        self.drive_pending();
         let ev = self.events.pop_front()?;
         if matches!(ev, MediaEvent::SdpRejected { .. }) {
             self.stats.sdp_rejected += 1;
@@ -382,7 +401,7 @@ impl Sfu {
             self.by_ufrag.remove(&old_ufrag);
         }
         self.by_ufrag.insert(new_ufrag, sid);
-        self.to_drive.push(sid);
+        self.mark(sid);
         for (mid, kind) in published {
             self.publish(sid, mid, kind);
         }
@@ -414,7 +433,7 @@ impl Sfu {
                 reason,
             }),
         }
-        self.to_drive.push(sid);
+        self.mark(sid);
     }
 
     fn close_session(&mut self, sid: SessionId) {
@@ -429,7 +448,7 @@ impl Sfu {
             for m in members.iter() {
                 if let Some(other) = self.sessions.get_mut(m) {
                     other.publisher_gone(sid, None);
-                    self.to_drive.push(*m);
+                    queue(&mut self.to_drive, other);
                 }
             }
             if members.is_empty() {
@@ -443,10 +462,22 @@ impl Sfu {
 
     /// Polls every session that has work until none has, forwarding media between them.
     fn drive_all(&mut self, now: Instant) {
-        while let Some(sid) = self.to_drive.pop() {
+        self.pending_now = None;
+        while let Some(sid) = self.to_drive.pop_front() {
+            if self.sessions.get(&sid).is_some_and(|s| s.queued) {
+                self.drive_session(sid, now);
+            }
+        }
+    }
+
+    /// Polls one session's output: forwards its packets, sends its datagrams.
+    fn drive_session(&mut self, sid: SessionId, now: Instant) {
+        {
             let Some(session) = self.sessions.get_mut(&sid) else {
-                continue;
+                return;
             };
+            session.queued = false;
+            self.stats.session_polls += 1;
             let out = session.poll(
                 now,
                 &mut self.transmits,
@@ -487,6 +518,13 @@ impl Sfu {
         }
     }
 
+    /// Queues `sid` to be polled.
+    fn mark(&mut self, sid: SessionId) {
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            queue(&mut self.to_drive, s);
+        }
+    }
+
     /// A session started publishing a track: offer it to everyone else in the room.
     fn publish(&mut self, sid: SessionId, mid: Mid, kind: MediaKind) {
         let Some(session) = self.sessions.get(&sid) else {
@@ -506,7 +544,7 @@ impl Sfu {
                 other
                     .tracks_out
                     .push(TrackOut::new(sid, mid, kind, source, &stream_id));
-                self.to_drive.push(*m);
+                queue(&mut self.to_drive, other);
             }
         }
     }
@@ -522,7 +560,7 @@ impl Sfu {
         for m in members.iter().filter(|m| **m != sid) {
             if let Some(other) = self.sessions.get_mut(m) {
                 other.publisher_gone(sid, Some(mid));
-                self.to_drive.push(*m);
+                queue(&mut self.to_drive, other);
             }
         }
     }
@@ -587,7 +625,7 @@ impl Sfu {
                 continue;
             };
             if sub.write(&incoming, now, &mut self.stats) {
-                self.to_drive.push(*m);
+                queue(&mut self.to_drive, sub);
             }
             if !sub.keyframes_wanted.is_empty() {
                 wanted.append(&mut sub.keyframes_wanted);
@@ -842,7 +880,15 @@ impl Sfu {
         if let Some(p) = self.sessions.get_mut(&publisher)
             && p.request_keyframe(mid, rid, kind, now, KEYFRAME_THROTTLE)
         {
-            self.to_drive.push(publisher);
+            self.mark(publisher);
         }
+    }
+}
+
+/// Queues a session to be polled, once.
+fn queue(to_drive: &mut VecDeque<SessionId>, session: &mut Session) {
+    if !session.queued {
+        session.queued = true;
+        to_drive.push_back(session.id);
     }
 }

@@ -10,7 +10,7 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::PayloadParams;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid};
 use str0m::rtp::{ExtensionValues, RedDecoder, RtpPacket, RtpWrite, Vp8Descriptor};
-use str0m::{Event, IceConnectionState, Output, Rtc};
+use str0m::{Event, IceConnectionState, Input, Output, Rtc};
 
 use crate::Transmit;
 use crate::alloc::Want;
@@ -20,6 +20,8 @@ use crate::stats::{AUDIO, ICE_STATES, Sample, SfuStats, VIDEO};
 
 /// Video waiting longer than this in a subscriber's send queue means its link is overloaded.
 const MAX_BACKLOG: Duration = Duration::from_millis(300);
+/// Immediate timeouts handled inside one poll before deferring to the timer heap.
+const MAX_IMMEDIATE: u32 = 8;
 /// How old a packet may be and still be resent on a NACK.
 pub(crate) const RTX_MAX_AGE: Duration = Duration::from_millis(1500);
 
@@ -30,6 +32,8 @@ pub(crate) struct Session {
     pub stream_id: String,
     pub rtc: Rtc,
     pub next_timeout: Instant,
+    /// Waiting in the SFU's queue of sessions to poll.
+    pub queued: bool,
     /// Tracks this participant publishes.
     pub tracks_in: Vec<TrackIn>,
     /// Other participants' tracks forwarded to this one.
@@ -334,6 +338,7 @@ impl Session {
             stream_id,
             rtc,
             next_timeout: now,
+            queued: false,
             tracks_in: Vec::new(),
             tracks_out: Vec::new(),
             screen_mids: Vec::new(),
@@ -534,6 +539,7 @@ impl Session {
             connected: false,
             packets: Vec::new(),
         };
+        let mut spins = 0;
         loop {
             let output = match self.rtc.poll_output() {
                 Ok(o) => o,
@@ -545,6 +551,14 @@ impl Session {
             };
             match output {
                 Output::Transmit(t) => transmits.push_back(t),
+                // Work str0m wants done at once (a written packet moves to the pacer, the
+                // pacer releases it): do it now rather than through the timer heap.
+                Output::Timeout(t) if t <= now && spins < MAX_IMMEDIATE => {
+                    spins += 1;
+                    if let Err(err) = self.rtc.handle_input(Input::Timeout(now)) {
+                        tracing::debug!(session = %self.id, %err, "timeout refused");
+                    }
+                }
                 Output::Timeout(t) => {
                     out.timeout = t;
                     break;

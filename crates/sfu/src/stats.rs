@@ -24,6 +24,10 @@ pub struct SfuStats {
     pub datagrams_unrouted: u64,
     pub inputs_refused: u64,
     pub sdp_rejected: u64,
+    /// Sessions advanced because their timer was due, and session polls in all (timer,
+    /// datagram or command): what the media plane's CPU goes to besides the packets.
+    pub session_timeouts: u64,
+    pub session_polls: u64,
 }
 
 /// A reading from an RTCP report, for the histograms.
