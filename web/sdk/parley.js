@@ -804,6 +804,15 @@ export class ParleyClient extends ReliableSocket {
         return;
       case "layers":
         return this._onLayers(msg);
+      case "media_closed":
+        // The server lost our media session (a media node went away): a new PeerConnection
+        // offers afresh and is placed on a working node; the room goes on meanwhile.
+        if (!this.pc || this._closed) return;
+        this._closePc();
+        this._viewSent = null; // the new session learns the tile sizes again
+        this._sessionOffered = false;
+        this._createPc();
+        return;
       case "error":
         return this._onServerError(msg);
       default:

@@ -377,7 +377,15 @@ impl Hub {
             MediaEvent::Connected { .. } => {
                 tracing::info!(participant = %wire_id(pid), "media connected");
             }
-            MediaEvent::Closed { .. } => {}
+            MediaEvent::Closed { .. } => {
+                // The participant is still here (a leave removes it before Close goes out):
+                // its media node was lost or ICE timed out there. A new offer makes a new
+                // session, placed afresh.
+                if self.participants.contains_key(&pid) {
+                    tracing::info!(participant = %wire_id(pid), "media session closed; asking for a new one");
+                    self.send(pid, ServerMsg::MediaClosed);
+                }
+            }
         }
     }
 

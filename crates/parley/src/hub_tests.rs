@@ -1191,6 +1191,27 @@ fn media_plane_layer_events_reach_the_right_clients() {
 }
 
 #[test]
+fn a_lost_media_session_asks_its_participant_for_a_new_one() {
+    let mut t = TestHub::new(None);
+    let (a, _, _) = t.join("demo", "Ada");
+    let (b, _, _) = t.join("demo", "Bob");
+    t.take_msgs(a);
+    t.take_msgs(b);
+    t.media_event(MediaEvent::Closed {
+        session: SessionId(1),
+    });
+    assert_eq!(t.take_msgs(a), vec![ServerMsg::MediaClosed]);
+    assert_eq!(t.take_msgs(b), vec![], "the others are not disturbed");
+    // After a leave the Closed that follows tells nobody anything.
+    t.send(b, r#"{"seq":2,"type":"leave"}"#);
+    t.take_msgs(a);
+    t.media_event(MediaEvent::Closed {
+        session: SessionId(2),
+    });
+    assert_eq!(t.take_msgs(a), vec![]);
+}
+
+#[test]
 fn webhook_events_follow_rooms_and_participants() {
     use crate::webhook::WebhookEvent as W;
     let mut t = TestHub::new(None);

@@ -165,6 +165,9 @@ pub enum ServerMsg {
         paused: bool,
         reason: String,
     },
+    /// Your media session ended on the server (its media node was lost, or ICE timed out
+    /// there): start a new PeerConnection with a fresh offer; the room and signaling go on.
+    MediaClosed,
     Error {
         code: ErrorCode,
         message: String,
