@@ -62,6 +62,7 @@ log "browser tests (headless Chromium)"
     node turn.mjs
     node diag.mjs
     node denied.mjs
+    node failover.mjs
 )
 
 log "all tests passed"

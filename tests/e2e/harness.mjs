@@ -377,3 +377,90 @@ export function selectedPath() {
     return { frames, protocol: local ? local.protocol : null, type: local ? local.candidateType : null };
   });
 }
+
+/**
+ * Starts a dedicated media node (`parley media`) on free loopback ports that dials
+ * `signalingHttpPort`'s /media-node with `secret`, and waits for its /healthz. Returns
+ * `{proc, id, httpPort, rtcPort, metricsUrl, exited, logTail(), kill(signal), stop()}`;
+ * `kill("SIGKILL")` ends it at once (as a crashed machine would), `stop()` SIGTERM then SIGKILL.
+ */
+export async function startMediaNode({ signalingHttpPort, secret, id, logFile = join(repoRoot, `tests/e2e/media-${id}.log`), timeoutMs = 20000 }) {
+  const bin = resolve(repoRoot, process.env.PARLEY_BIN || "target/release/parley");
+  const httpPort = await freeTcpPort();
+  const rtcPort = await freeUdpPort();
+  const args = [
+    "media", "--signaling-url", `ws://127.0.0.1:${signalingHttpPort}/media-node`, "--node-secret", secret,
+    "--node-id", id, "--http", `127.0.0.1:${httpPort}`, "--rtc-port", String(rtcPort), "--rtc-bind", "127.0.0.1",
+    "--public-ip", "127.0.0.1",
+  ];
+  log(`starting media node ${id}: ${bin} ${args.map((a) => (a === secret ? "***" : a)).join(" ")} (log: ${logFile})`);
+  const out = createWriteStream(logFile);
+  const env = { ...process.env, RUST_LOG: process.env.RUST_LOG || "info" };
+  delete env.PARLEY_CONFIG;
+  const proc = spawn(bin, args, { cwd: repoRoot, env, stdio: ["ignore", "pipe", "pipe"] });
+  proc.stdout.pipe(out, { end: false });
+  proc.stderr.pipe(out, { end: false });
+  let exited = null;
+  proc.on("exit", (code, signal) => {
+    exited = { code, signal };
+  });
+  process.on("exit", () => {
+    if (!exited) proc.kill("SIGKILL");
+  });
+  const node = {
+    proc,
+    id,
+    httpPort,
+    rtcPort,
+    logFile,
+    metricsUrl: `http://127.0.0.1:${httpPort}/metrics`,
+    get exited() {
+      return exited;
+    },
+    logTail(lines = 40) {
+      try {
+        return readFileSync(logFile, "utf8").split("\n").slice(-lines).join("\n");
+      } catch {
+        return "(no media node log)";
+      }
+    },
+    kill(signal = "SIGKILL") {
+      if (!exited) proc.kill(signal);
+    },
+    async stop() {
+      if (exited) return;
+      proc.kill("SIGTERM");
+      for (let i = 0; i < 30 && !exited; i++) await sleep(100);
+      if (!exited) proc.kill("SIGKILL");
+      for (let i = 0; i < 20 && !exited; i++) await sleep(50);
+    },
+  };
+  const end = Date.now() + timeoutMs;
+  while (true) {
+    if (exited) throw new Error(`media node ${id} exited during startup (${JSON.stringify(exited)}); see ${logFile}`);
+    try {
+      const r = await fetch(`http://127.0.0.1:${httpPort}/healthz`);
+      if (r.status === 200) break;
+    } catch {}
+    if (Date.now() > end) {
+      await node.stop();
+      throw new Error(`media node ${id} did not answer GET /healthz with 200 within ${timeoutMs} ms`);
+    }
+    await sleep(100);
+  }
+  log(`media node ${id} up (http ${httpPort}, rtc udp ${rtcPort})`);
+  return node;
+}
+
+/** Fetches a Prometheus text page; `value(name)` is the first sample named exactly `name` (with labels), NaN if none. */
+export async function scrapeMetrics(url) {
+  const text = await (await fetch(url)).text();
+  const lines = text.split("\n");
+  return {
+    text,
+    value(name) {
+      const line = lines.find((l) => l.startsWith(name + " "));
+      return line ? Number(line.split(" ").pop()) : NaN;
+    },
+  };
+}
