@@ -55,6 +55,15 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
+# With two or more cores, the server runs on CPU 1 and the load tester on CPU 0, so each
+# server gets one core to itself and the tester's own work does not blur its figures.
+pin_server=()
+pin_lt=()
+if command -v taskset >/dev/null && [[ $(nproc) -ge 2 ]]; then
+    pin_server=(taskset -c 1)
+    pin_lt=(taskset -c 0)
+fi
+
 out=${out:-bench/out/$(date +%F)}
 mkdir -p "$out"
 tmp=$(mktemp -d -t parley-bench.XXXXXX)
@@ -109,7 +118,7 @@ start_server() {
             port=$(free_port)
             local rtc
             rtc=$(free_port)
-            target/release/parley serve --http "127.0.0.1:$port" --rtc-port "$rtc" \
+            "${pin_server[@]}" target/release/parley serve --http "127.0.0.1:$port" --rtc-port "$rtc" \
                 --public-ip 127.0.0.1 >"$slog" 2>&1 &
             server_pid=$!
             url="ws://127.0.0.1:$port/ws"
@@ -117,14 +126,14 @@ start_server() {
             ;;
         janus)
             port=$(free_port)
-            bench/janus/start.sh "$port" "$tmp/janus-conf" >"$slog" 2>&1 &
+            "${pin_server[@]}" bench/janus/start.sh "$port" "$tmp/janus-conf" >"$slog" 2>&1 &
             server_pid=$!
             url="ws://127.0.0.1:$port"
             wait_tcp "$port"
             ;;
         floor)
             port=$(free_port)
-            target/release/floor --listen "127.0.0.1:$port" >"$slog" 2>&1 &
+            "${pin_server[@]}" target/release/floor --listen "127.0.0.1:$port" >"$slog" 2>&1 &
             server_pid=$!
             url="udp://127.0.0.1:$port"
             for i in $(seq 100); do
@@ -187,7 +196,7 @@ for s in ${scenarios//,/ }; do
         else
             log "$s / $t: parley lt ${args[*]} --target $t --url $url --server-pid $server_pid"
             # Generous limit: joins + steady window + shutdown.
-            timeout 600 target/release/parley lt "${args[@]}" --target "$t" --url "$url" \
+            timeout 600 "${pin_lt[@]}" target/release/parley lt "${args[@]}" --target "$t" --url "$url" \
                 --server-pid "$server_pid" >"$txt" 2>"$errf"
             rc=$?
             if ! kill -0 "$server_pid" 2>/dev/null; then

@@ -530,6 +530,11 @@ impl MediaUser {
             tokio::select! {
                 _ = stop.changed() => {}
                 ev = events.recv() => {
+                    // Signaling ending while we stop (the server closing busy connections
+                    // as everyone leaves) is no failure.
+                    if *stop.borrow() {
+                        break;
+                    }
                     let Some(ev) = ev else { bail!("signaling connection closed") };
                     if let Some(reply) = self.on_signal(ev)? {
                         cmds.send(reply).await.context("signaling stopped")?;

@@ -108,6 +108,16 @@ pub(crate) fn allocate(budget: Option<u64>, demands: &[Demand]) -> Vec<Choice> {
                 break;
             }
         }
+        // A single-layer video (a screen share) has nothing smaller to fall back to, and an
+        // estimate only grows while media flows: it goes on at half its rate or more (the
+        // pacer and the send-queue guard absorb the difference), taking what is left.
+        if out[i] == Choice::Paused
+            && d.layers.len() == 1
+            && remaining >= layer_bitrate(&d.layers, 0) / 2
+        {
+            remaining = 0;
+            out[i] = Choice::Layer(0);
+        }
     }
     out
 }
@@ -133,6 +143,31 @@ mod tests {
             layers: sim([320, 640, 1280]),
             want,
         }
+    }
+
+    #[test]
+    fn a_single_layer_share_goes_on_at_half_its_rate_but_not_below() {
+        let share = |bitrate| Demand {
+            priority: 1,
+            layers: vec![LayerInfo {
+                width: 1920,
+                bitrate,
+            }],
+            want: Want::Best,
+        };
+        assert_eq!(
+            allocate(Some(1_000_000), &[share(1_600_000)]),
+            vec![Choice::Layer(0)]
+        );
+        assert_eq!(
+            allocate(Some(700_000), &[share(1_600_000)]),
+            vec![Choice::Paused]
+        );
+        // Simulcast cameras still pause when even their lowest layer does not fit.
+        assert_eq!(
+            allocate(Some(100_000), &[cam(Want::Best)]),
+            vec![Choice::Paused]
+        );
     }
 
     #[test]
