@@ -61,37 +61,24 @@ pub(crate) async fn run(
         }
     }
     let now = Instant::now();
+    let stream = |id, size, per_tick, per_second| Stream {
+        id,
+        size,
+        per_tick,
+        interval: Duration::from_secs(1) / per_second,
+        next: now,
+        counter: 0,
+    };
     let mut streams = Vec::new();
     if cfg.send_audio {
-        streams.push(Stream {
-            id: 0,
-            size: 160,
-            per_tick: 1,
-            interval: Duration::from_millis(20),
-            next: now,
-            counter: 0,
-        });
+        streams.push(stream(0, 160, 1, 50));
     }
     if cfg.send_video {
         // The top camera layer only: the floor forwards everything it gets.
-        streams.push(Stream {
-            id: 1,
-            size: 1100,
-            per_tick: 5,
-            interval: Duration::from_secs(1) / 30,
-            next: now,
-            counter: 0,
-        });
+        streams.push(stream(1, 1100, 5, 30));
     }
     if cfg.send_screen {
-        streams.push(Stream {
-            id: 2,
-            size: 1100,
-            per_tick: 12,
-            interval: Duration::from_secs(1) / 15,
-            next: now,
-            counter: 0,
-        });
+        streams.push(stream(2, 1100, 12, 15));
     }
     let mut last: HashMap<(u32, u8), u32> = HashMap::new();
     loop {

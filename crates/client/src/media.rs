@@ -144,7 +144,7 @@ impl Sender {
         }
     }
 
-    /// Writes one frame if it is due; returns the packets written.
+    /// Writes one frame if it is due, counting its packets in `stats`.
     fn tick(&mut self, rtc: &mut Rtc, now: Instant, stats: &mut ClientStats) {
         if now < self.next {
             return;

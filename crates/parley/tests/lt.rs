@@ -8,36 +8,36 @@ use std::process::{Command, Stdio};
 use serde_json::Value;
 use support::*;
 
+/// Runs `parley lt` with `load` against a fresh server; returns its stdout and final JSON line.
+async fn load_test(load: &'static [&'static str]) -> (String, Value) {
+    let server = Server::start(&[]).await;
+    let url = format!("ws://{}/ws", server.http);
+    let pid = server.child.id().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_parley"))
+            .arg("lt")
+            .args(load)
+            .args(["--duration", "3", "--join-duration", "1", "--url", &url])
+            .args(["--server-pid", &pid])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .expect("parley lt runs")
+    })
+    .await
+    .expect("joined");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}");
+    let last = text.lines().last().expect("a JSON line");
+    let v: Value = serde_json::from_str(last).expect("JSON");
+    (text, v)
+}
+
 #[tokio::test]
 async fn the_load_test_reports_joins_media_and_server_cost() {
     within_time_limit(async {
-        let server = Server::start(&[]).await;
-        let url = format!("ws://{}/ws", server.http);
-        let pid = server.child.id().to_string();
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new(env!("CARGO_BIN_EXE_parley"))
-                .args([
-                    "lt",
-                    "--calls",
-                    "2",
-                    "--users-per-call",
-                    "3",
-                    "--unmuted",
-                    "2",
-                ])
-                .args(["--duration", "3", "--join-duration", "1", "--url", &url])
-                .args(["--server-pid", &pid])
-                .stdin(Stdio::null())
-                .stderr(Stdio::null())
-                .output()
-                .expect("parley lt runs")
-        })
-        .await
-        .expect("joined");
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "{text}");
-        let last = text.lines().last().expect("a JSON line");
-        let v: Value = serde_json::from_str(last).expect("JSON");
+        let (text, v) =
+            load_test(&["--calls", "2", "--users-per-call", "3", "--unmuted", "2"]).await;
         assert_eq!(v["users"], 6, "{v}");
         assert_eq!(v["calls"], 2, "{v}");
         // Per call: the two unmuted users hear each other (50 + 50 packets/s), the muted one
@@ -56,6 +56,35 @@ async fn the_load_test_reports_joins_media_and_server_cost() {
             text.contains("measured on"),
             "says which receivers were measured: {text}"
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn simulated_cameras_and_screen_shares_reach_the_others() {
+    within_time_limit(async {
+        // Nobody speaks: every packet received is simulcast camera or screen-share video.
+        let (text, v) = load_test(&[
+            "--calls",
+            "1",
+            "--users-per-call",
+            "3",
+            "--unmuted",
+            "0",
+            "--video",
+            "1",
+            "--screen-sharing",
+            "1",
+        ])
+        .await;
+        assert_eq!(v["users"], 3, "{v}");
+        assert!(text.contains("3 of 3"), "all connected: {text}");
+        let pps = v["rx_pps"].as_f64().expect("rx_pps");
+        assert!(
+            pps > 60.0,
+            "video reaches the two viewers: rx_pps {pps}: {text}"
+        );
+        assert!(v["loss_pct"].as_f64().expect("loss") < 5.0, "{v}");
     })
     .await;
 }
