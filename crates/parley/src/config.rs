@@ -17,6 +17,8 @@ pub struct Config {
     pub rtc_port: u16,
     /// Address the media port binds to.
     pub rtc_bind: IpAddr,
+    /// Media worker threads (a room lives on one); 0: one per core.
+    pub media_workers: usize,
     /// Addresses announced in ICE candidates; empty means this host's own addresses.
     pub public_ip: Vec<IpAddr>,
     pub tls_cert: Option<PathBuf>,
@@ -80,6 +82,7 @@ impl Default for Config {
             http: SocketAddr::from(([0, 0, 0, 0], 8080)),
             rtc_port: 8443,
             rtc_bind: IpAddr::from([0, 0, 0, 0]),
+            media_workers: 0,
             public_ip: Vec::new(),
             tls_cert: None,
             tls_key: None,

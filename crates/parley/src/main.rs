@@ -117,6 +117,9 @@ struct ServeArgs {
     /// Address the media port binds to [default: 0.0.0.0].
     #[arg(long, env = "PARLEY_RTC_BIND")]
     rtc_bind: Option<IpAddr>,
+    /// Media worker threads; a room lives on one [default: 0, one per core].
+    #[arg(long, env = "PARLEY_MEDIA_WORKERS")]
+    media_workers: Option<usize>,
     /// Address to announce in ICE candidates (repeatable); default: this host's addresses.
     #[arg(long, env = "PARLEY_PUBLIC_IP", value_delimiter = ',')]
     public_ip: Option<Vec<IpAddr>>,
@@ -238,6 +241,9 @@ struct MediaArgs {
     /// Address the media port binds to [default: 0.0.0.0].
     #[arg(long, env = "PARLEY_RTC_BIND")]
     rtc_bind: Option<IpAddr>,
+    /// Media worker threads; a room lives on one [default: 0, one per core].
+    #[arg(long, env = "PARLEY_MEDIA_WORKERS")]
+    media_workers: Option<usize>,
     /// Address to announce in ICE candidates (repeatable); default: this host's addresses.
     #[arg(long, env = "PARLEY_PUBLIC_IP", value_delimiter = ',')]
     public_ip: Option<Vec<IpAddr>>,
@@ -264,6 +270,7 @@ impl MediaArgs {
             http: file.http,
             rtc_port: file.rtc_port,
             rtc_bind: file.rtc_bind,
+            media_workers: file.media_workers,
             public_ip: file.public_ip,
             stun_servers: file.stun_servers,
             drain_grace_secs: file.drain_grace_secs,
@@ -289,6 +296,9 @@ impl MediaArgs {
         }
         if let Some(v) = self.rtc_bind {
             c.rtc_bind = v;
+        }
+        if let Some(v) = self.media_workers {
+            c.media_workers = v;
         }
         if let Some(v) = self.public_ip {
             c.public_ip = v;
@@ -319,6 +329,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.rtc_bind {
             c.rtc_bind = v;
+        }
+        if let Some(v) = self.media_workers {
+            c.media_workers = v;
         }
         if let Some(v) = self.public_ip {
             c.public_ip = v;
@@ -539,6 +552,7 @@ fn main() -> anyhow::Result<()> {
                 let media = media::start(
                     SocketAddr::new(config.rtc_bind, config.rtc_port),
                     &public_ips,
+                    media::worker_count(config.media_workers),
                     metrics.clone(),
                 )?;
                 server::run(config, media, None, metrics).await
@@ -556,6 +570,7 @@ fn main() -> anyhow::Result<()> {
                 let media = media::start(
                     SocketAddr::new(config.rtc_bind, config.rtc_port),
                     &public_ips,
+                    media::worker_count(config.media_workers),
                     metrics.clone(),
                 )?;
                 nodes::run_node(config, media, metrics).await

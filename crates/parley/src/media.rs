@@ -1,23 +1,35 @@
 //! The media plane's driver: the one UDP port, the clock and the channels to signaling around
 //! the sans-IO [`Sfu`].
+//!
+//! The media plane runs on `workers` threads (by default one per core), each with its own
+//! [`Sfu`] and its own rooms. A room lives on one worker, so forwarding never crosses threads;
+//! a new room goes to the worker with the fewest sessions (placed by [`Router`], the table that
+//! also places rooms on media nodes; on a tie, not worker 0). Worker 0 reads the media port and accepts ICE-TCP; it
+//! hands the datagrams of the other workers' sessions to them in batches ([`dispatch`] knows
+//! which session a datagram is for), and the batches' buffers come back to it for reuse. Every
+//! worker sends its own packets on the shared socket.
 
-use std::io::{self, IoSliceMut};
-use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+mod dispatch;
+mod tcp;
 
 use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use parley_proto::media::{MediaCommand, MediaEvent};
+use parley_proto::media::{MediaCommand, MediaEvent, SessionId};
 use parley_sfu::{Sfu, SfuConfig};
-use quinn_udp::{RecvMeta, UdpSocketState};
+use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use str0m::net::Protocol;
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
+use crate::nodes::{NodeKey, Route, Router};
+use dispatch::Dispatch;
 
 /// Handle to a running media plane.
 pub struct MediaPlane {
@@ -25,17 +37,27 @@ pub struct MediaPlane {
     pub events: mpsc::UnboundedReceiver<MediaEvent>,
 }
 
-/// Binds the media port and starts the media plane on its own thread.
+/// The number of media workers for a configured value: 0 is one per core this process may
+/// run on.
+pub fn worker_count(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Binds the media port and starts the media plane on `workers` threads of its own.
 pub fn start(
     bind: SocketAddr,
     public_ips: &[IpAddr],
+    workers: usize,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<MediaPlane> {
+    let workers = workers.max(1);
     let std_sock = std::net::UdpSocket::bind(bind)
         .with_context(|| format!("binding the media port {bind} (UDP)"))?;
     std_sock.set_nonblocking(true)?;
     let local_addr = std_sock.local_addr()?;
-    let state = UdpSocketState::new((&std_sock).into()).context("configuring the media socket")?;
 
     let ips: Vec<IpAddr> = if public_ips.is_empty() {
         host_addresses()
@@ -46,7 +68,17 @@ pub fn start(
         .iter()
         .map(|ip| SocketAddr::new(*ip, local_addr.port()))
         .collect();
-    tracing::info!(port = local_addr.port(), ?candidates, "media port ready");
+    let local_ips: Vec<IpAddr> = candidates
+        .iter()
+        .map(|c| c.ip())
+        .filter(|ip| std::net::UdpSocket::bind((*ip, 0)).is_ok())
+        .collect();
+    tracing::info!(
+        port = local_addr.port(),
+        ?candidates,
+        workers,
+        "media port ready"
+    );
 
     // ICE-TCP on the same port, for networks that block UDP.
     let tcp_listener =
@@ -56,58 +88,134 @@ pub fn start(
 
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-    let sfu = Sfu::new(SfuConfig {
-        candidates: candidates.clone(),
-        tcp: true,
+    let (worker_ev_tx, worker_ev_rx) = mpsc::unbounded_channel();
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let mut worker_cmds = Vec::new();
+    let mut inboxes = Vec::new();
+    let mut rest = Vec::new();
+    for index in 0..workers {
+        let (tx, rx) = mpsc::unbounded_channel();
+        worker_cmds.push(tx);
+        let (in_tx, in_rx) = mpsc::channel(INBOX);
+        inboxes.push(in_tx);
+        let socket = if index == 0 {
+            None
+        } else {
+            Some(std_sock.try_clone().context("sharing the media socket")?)
+        };
+        rest.push((index, socket, rx, in_rx));
+    }
+    let shared = Shared {
+        candidates,
+        local_ips,
+        local_addr,
+        events: worker_ev_tx,
+        metrics: metrics.clone(),
+        multi: workers > 1,
+    };
+    let mut reader = Some(Reader {
+        dispatch: Dispatch::default(),
+        inboxes,
+        pending: (0..workers).map(|_| None).collect(),
+        spare: Vec::new(),
+        tcp_links: HashMap::new(),
+        metrics: metrics.clone(),
     });
-    let driver_candidates = candidates;
-    std::thread::Builder::new()
-        .name("media".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(err) => {
-                    tracing::error!(%err, "cannot start the media runtime");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let sock = match UdpSocket::from_std(std_sock) {
-                    Ok(s) => s,
+    let mut router = Some((cmd_rx, worker_cmds, worker_ev_rx, ev_tx));
+    let mut control_rx = Some(control_rx);
+    let mut listener = Some(tcp_listener);
+    let mut first_socket = Some(std_sock);
+    for (index, socket, commands, inbox) in rest {
+        let shared = shared.clone();
+        let control = (index > 0).then(|| control_tx.clone());
+        let socket = match socket {
+            Some(s) => s,
+            None => first_socket.take().context("the media socket")?,
+        };
+        // Worker 0 reads the port, accepts ICE-TCP and routes commands; the others only send.
+        let lead = (index == 0).then(|| {
+            (
+                reader.take(),
+                router.take(),
+                control_rx.take(),
+                listener.take(),
+            )
+        });
+        std::thread::Builder::new()
+            .name(format!("media-{index}"))
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
                     Err(err) => {
-                        tracing::error!(%err, "cannot register the media socket");
+                        tracing::error!(%err, "cannot start a media runtime");
                         return;
                     }
                 };
-                let (tcp_tx, tcp_rx) = mpsc::channel(TCP_QUEUE);
-                match tokio::net::TcpListener::from_std(tcp_listener) {
-                    Ok(l) => {
-                        tokio::spawn(tcp::accept(l, tcp_tx));
+                rt.block_on(async move {
+                    let interest = if lead.is_some() {
+                        Interest::READABLE | Interest::WRITABLE
+                    } else {
+                        // A worker that does not read must not be woken by every datagram.
+                        Interest::WRITABLE
+                    };
+                    let state = match UdpSocketState::new((&socket).into()) {
+                        Ok(s) => s,
+                        Err(err) => {
+                            tracing::error!(%err, "cannot configure the media socket");
+                            return;
+                        }
+                    };
+                    // SAFETY: the AsyncFd owns the socket, whose descriptor stays open and the
+                    // same until the AsyncFd is dropped.
+                    let io = match unsafe { AsyncFd::register_with_interest(socket, interest) } {
+                        Ok(io) => io,
+                        Err(err) => {
+                            tracing::error!(%err, "cannot register the media socket");
+                            return;
+                        }
+                    };
+                    let mut worker = Worker {
+                        index,
+                        sfu: Sfu::new(SfuConfig {
+                            candidates: shared.candidates.clone(),
+                            tcp: true,
+                        }),
+                        io,
+                        state,
+                        shared,
+                        tcp_conns: HashMap::new(),
+                        control,
+                        ufrags: HashMap::new(),
+                        reader: None,
+                    };
+                    let mut lead_rx = LeadChannels::default();
+                    if let Some((reader, router, control_rx, listener)) = lead {
+                        worker.reader = reader;
+                        lead_rx.control = control_rx;
+                        if let Some((cmd_rx, worker_cmds, worker_ev_rx, ev_tx)) = router {
+                            tokio::spawn(route(cmd_rx, worker_cmds, worker_ev_rx, ev_tx));
+                        }
+                        if let Some(listener) = listener {
+                            let (tcp_tx, tcp_rx) = mpsc::channel(TCP_QUEUE);
+                            match tokio::net::TcpListener::from_std(listener) {
+                                Ok(l) => {
+                                    tokio::spawn(tcp::accept(l, tcp_tx));
+                                }
+                                Err(err) => {
+                                    tracing::error!(%err, "cannot register the media TCP listener")
+                                }
+                            }
+                            lead_rx.tcp = Some(tcp_rx);
+                        }
                     }
-                    Err(err) => tracing::error!(%err, "cannot register the media TCP listener"),
-                }
-                let driver = Driver {
-                    sfu,
-                    sock,
-                    state,
-                    local_ips: driver_candidates
-                        .iter()
-                        .map(|c| c.ip())
-                        .filter(|ip| std::net::UdpSocket::bind((*ip, 0)).is_ok())
-                        .collect(),
-                    candidates: driver_candidates,
-                    local_addr,
-                    events: ev_tx,
-                    metrics,
-                    tcp_conns: HashMap::new(),
-                };
-                driver.run(cmd_rx, tcp_rx).await;
-            });
-        })
-        .context("starting the media thread")?;
+                    worker.run(commands, inbox, lead_rx).await;
+                });
+            })
+            .context("starting a media thread")?;
+    }
 
     Ok(MediaPlane {
         commands: cmd_tx,
@@ -132,34 +240,200 @@ pub fn host_addresses() -> Vec<IpAddr> {
     ips
 }
 
-struct Driver {
-    sfu: Sfu,
-    sock: UdpSocket,
-    state: UdpSocketState,
+/// Passes signaling's commands to the worker of their room and the workers' events back.
+async fn route(
+    mut commands: mpsc::UnboundedReceiver<MediaCommand>,
+    workers: Vec<mpsc::UnboundedSender<MediaCommand>>,
+    mut events: mpsc::UnboundedReceiver<(usize, MediaEvent)>,
+    out: mpsc::UnboundedSender<MediaEvent>,
+) {
+    // The router breaks ties between equally loaded workers by the lowest key. Worker 0 also
+    // reads the port for everyone, so its key is the highest: a tie goes to another worker.
+    let n = workers.len();
+    let key = |worker: usize| NodeKey((n - 1 - worker) as u64);
+    let mut router = Router::default();
+    for i in 0..n {
+        router.node_up(key(i), &format!("worker-{i}"));
+    }
+    loop {
+        tokio::select! {
+            cmd = commands.recv() => {
+                let Some(cmd) = cmd else { break };
+                match router.command(cmd) {
+                    Route::Node(NodeKey(k), cmd) => {
+                        if let Some(w) = usize::try_from(k)
+                            .ok()
+                            .and_then(|k| (n - 1).checked_sub(k))
+                            .and_then(|w| workers.get(w))
+                        {
+                            let _ = w.send(cmd);
+                        }
+                    }
+                    Route::Hub(ev) => {
+                        let _ = out.send(ev);
+                    }
+                    Route::Nowhere => {}
+                }
+            }
+            Some((from, ev)) = events.recv() => {
+                if let Some(ev) = router.event(key(from), ev)
+                    && out.send(ev).is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
+    // Dropping the workers' command channels stops them.
+}
+
+/// What every worker knows of the media port.
+#[derive(Clone)]
+struct Shared {
     candidates: Vec<SocketAddr>,
     /// Candidate addresses that are this host's own, so replies can be sent from them.
     local_ips: Vec<IpAddr>,
     local_addr: SocketAddr,
-    events: mpsc::UnboundedSender<MediaEvent>,
+    /// Events to the router, with the worker's index.
+    events: mpsc::UnboundedSender<(usize, MediaEvent)>,
     metrics: Arc<Metrics>,
-    /// ICE-TCP connections by the peer's address.
-    tcp_conns: HashMap<SocketAddr, tcp::Conn>,
+    /// More than one worker: datagrams and announcements go through worker 0's dispatch.
+    multi: bool,
+}
+
+/// Worker 0's channels besides those every worker has.
+#[derive(Default)]
+struct LeadChannels {
+    control: Option<mpsc::UnboundedReceiver<Control>>,
+    tcp: Option<mpsc::Receiver<tcp::Event>>,
+}
+
+/// Worker → worker 0.
+enum Control {
+    /// A session of the worker answers STUN for this ufrag.
+    Announce(usize, SessionId, String),
+    Forget(SessionId),
+    /// A handed-over batch, emptied, for reuse.
+    Recycle(Batch),
+}
+
+/// Worker 0 → the worker of a session.
+enum Inbound {
+    Datagrams(Batch),
+    TcpOpen(SocketAddr, tcp::Conn),
+    TcpFrame(SocketAddr, Vec<u8>),
+    TcpClosed(SocketAddr),
+}
+
+/// UDP datagrams for one worker, back to back in one buffer.
+#[derive(Default)]
+struct Batch {
+    data: Vec<u8>,
+    /// Source, the candidate address it was sent to, and where its bytes end in `data`.
+    items: Vec<(SocketAddr, SocketAddr, usize)>,
 }
 
 /// Frames from ICE-TCP connections waiting for the media loop.
 const TCP_QUEUE: usize = 4096;
+/// Batches waiting for one worker; more are dropped, as a full socket buffer would.
+const INBOX: usize = 1024;
+/// Emptied batches kept for reuse.
+const SPARE: usize = 64;
 
 const BATCH: usize = 32;
 const BUF: usize = 2048;
 
-impl Driver {
+/// Worker 0's reading side: the dispatch table and the hand-over to the other workers.
+struct Reader {
+    dispatch: Dispatch,
+    inboxes: Vec<mpsc::Sender<Inbound>>,
+    /// The batch being filled for each worker.
+    pending: Vec<Option<Batch>>,
+    spare: Vec<Batch>,
+    /// Every ICE-TCP connection, and the worker it was given to.
+    tcp_links: HashMap<SocketAddr, (tcp::Conn, Option<usize>)>,
+    metrics: Arc<Metrics>,
+}
+
+impl Reader {
+    fn push(&mut self, worker: usize, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
+        let Some(slot) = self.pending.get_mut(worker) else {
+            return;
+        };
+        let batch = slot.get_or_insert_with(|| self.spare.pop().unwrap_or_default());
+        batch.data.extend_from_slice(data);
+        batch.items.push((source, destination, batch.data.len()));
+    }
+
+    fn hand_over(&mut self) {
+        for (worker, slot) in self.pending.iter_mut().enumerate() {
+            let Some(batch) = slot.take() else { continue };
+            let Some(inbox) = self.inboxes.get(worker) else {
+                continue;
+            };
+            if let Err(err) = inbox.try_send(Inbound::Datagrams(batch)) {
+                tracing::debug!(worker, "media worker is behind; datagrams dropped");
+                self.metrics.error("media_worker_behind");
+                if let mpsc::error::TrySendError::Full(Inbound::Datagrams(mut b)) = err {
+                    b.data.clear();
+                    b.items.clear();
+                    self.spare.push(b);
+                }
+            }
+        }
+    }
+
+    fn send(&self, worker: usize, msg: Inbound) {
+        if let Some(inbox) = self.inboxes.get(worker)
+            && inbox.try_send(msg).is_err()
+        {
+            self.metrics.error("media_worker_behind");
+        }
+    }
+
+    fn control(&mut self, ctl: Control) {
+        match ctl {
+            Control::Announce(worker, session, ufrag) => {
+                self.dispatch.announce(worker, session, ufrag)
+            }
+            Control::Forget(session) => self.dispatch.forget(session),
+            Control::Recycle(batch) => {
+                if self.spare.len() < SPARE {
+                    self.spare.push(batch);
+                }
+            }
+        }
+    }
+}
+
+struct Worker {
+    index: usize,
+    sfu: Sfu,
+    io: AsyncFd<std::net::UdpSocket>,
+    state: UdpSocketState,
+    shared: Shared,
+    /// ICE-TCP connections of this worker's sessions, by the peer's address.
+    tcp_conns: HashMap<SocketAddr, tcp::Conn>,
+    /// To worker 0 (on the other workers).
+    control: Option<mpsc::UnboundedSender<Control>>,
+    /// The ufrag announced for each session (with several workers).
+    ufrags: HashMap<SessionId, String>,
+    /// On worker 0.
+    reader: Option<Reader>,
+}
+
+impl Worker {
     async fn run(
         mut self,
         mut commands: mpsc::UnboundedReceiver<MediaCommand>,
-        mut tcp_events: mpsc::Receiver<tcp::Event>,
+        mut inbox: mpsc::Receiver<Inbound>,
+        mut lead: LeadChannels,
     ) {
         let mut bufs = vec![[0u8; BUF]; BATCH];
         let mut metas = vec![RecvMeta::default(); BATCH];
+        let reads = self.reader.is_some();
+        let has_control = lead.control.is_some();
+        let has_tcp = lead.tcp.is_some();
         let mut export = tokio::time::interval(Duration::from_secs(1));
         loop {
             let timeout = self
@@ -169,28 +443,94 @@ impl Driver {
             tokio::select! {
                 cmd = commands.recv() => {
                     let Some(cmd) = cmd else { break };
-                    self.sfu.handle_command(cmd, Instant::now());
+                    self.command(cmd);
                 }
-                ready = self.sock.readable() => {
-                    if let Err(err) = ready {
-                        tracing::error!(%err, "media socket failed");
-                        break;
+                Some(msg) = inbox.recv() => self.inbound(msg),
+                ready = self.io.readable(), if reads => {
+                    match ready {
+                        // Cleared before reading to the end: a datagram that arrives meanwhile
+                        // is read now or wakes the next round.
+                        Ok(mut guard) => guard.clear_ready(),
+                        Err(err) => {
+                            tracing::error!(%err, "media socket failed");
+                            break;
+                        }
                     }
                     self.receive(&mut bufs, &mut metas);
                 }
+                Some(ctl) = async { lead.control.as_mut()?.recv().await }, if has_control => {
+                    if let Some(reader) = self.reader.as_mut() {
+                        reader.control(ctl);
+                    }
+                }
+                Some(ev) = async { lead.tcp.as_mut()?.recv().await }, if has_tcp => self.tcp_event(ev),
                 _ = tokio::time::sleep_until(timeout.into()) => {
                     self.sfu.handle_timeout(Instant::now());
                 }
-                Some(ev) = tcp_events.recv() => self.tcp_event(ev),
                 _ = export.tick() => {
                     let samples = self.sfu.drain_samples();
-                    self.metrics
-                        .export_media(self.sfu.session_count(), self.sfu.stats(), &samples);
+                    self.shared.metrics.export_media(
+                        self.index,
+                        self.sfu.session_count(),
+                        self.sfu.stats(),
+                        &samples,
+                    );
                 }
             }
             self.flush().await;
         }
-        tracing::info!("media plane stopped");
+        tracing::info!(worker = self.index, "media worker stopped");
+    }
+
+    fn command(&mut self, cmd: MediaCommand) {
+        let offered = match &cmd {
+            MediaCommand::Offer { session, .. } => Some(*session),
+            _ => None,
+        };
+        self.sfu.handle_command(cmd, Instant::now());
+        if let Some(session) = offered.filter(|_| self.shared.multi)
+            && let Some(ufrag) = self.sfu.ice_ufrag(session)
+            && self.ufrags.get(&session) != Some(&ufrag)
+        {
+            self.ufrags.insert(session, ufrag.clone());
+            self.tell_dispatch(Control::Announce(self.index, session, ufrag));
+        }
+    }
+
+    /// Tells worker 0's dispatch table (directly on worker 0).
+    fn tell_dispatch(&mut self, ctl: Control) {
+        if let Some(reader) = self.reader.as_mut() {
+            reader.control(ctl);
+        } else if let Some(control) = &self.control {
+            let _ = control.send(ctl);
+        }
+    }
+
+    fn inbound(&mut self, msg: Inbound) {
+        match msg {
+            Inbound::Datagrams(mut batch) => {
+                let now = Instant::now();
+                let mut start = 0;
+                for (source, destination, end) in &batch.items {
+                    let Some(data) = batch.data.get(start..*end) else {
+                        break;
+                    };
+                    self.sfu
+                        .handle_datagram(now, Protocol::Udp, *source, *destination, data);
+                    start = *end;
+                }
+                batch.data.clear();
+                batch.items.clear();
+                self.tell_dispatch(Control::Recycle(batch));
+            }
+            Inbound::TcpOpen(peer, conn) => {
+                self.tcp_conns.insert(peer, conn);
+            }
+            Inbound::TcpFrame(peer, frame) => self.tcp_frame(peer, &frame),
+            Inbound::TcpClosed(peer) => {
+                self.tcp_conns.remove(&peer);
+            }
+        }
     }
 
     fn receive(&mut self, bufs: &mut [[u8; BUF]], metas: &mut [RecvMeta]) {
@@ -199,9 +539,9 @@ impl Driver {
                 .iter_mut()
                 .map(|b| IoSliceMut::new(&mut b[..]))
                 .collect();
-            let res = self.sock.try_io(Interest::READABLE, || {
-                self.state.recv((&self.sock).into(), &mut slices, metas)
-            });
+            let res = self
+                .state
+                .recv(UdpSockRef::from(self.io.get_ref()), &mut slices, metas);
             let n = match res {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -216,42 +556,98 @@ impl Driver {
                 let destination = self.destination(meta.dst_ip);
                 let stride = meta.stride.max(1);
                 for chunk in buf[..meta.len].chunks(stride) {
-                    self.sfu
-                        .handle_datagram(now, Protocol::Udp, meta.addr, destination, chunk);
+                    let worker = match self.reader.as_mut() {
+                        Some(r) if self.shared.multi => {
+                            r.dispatch.route(meta.addr, chunk).unwrap_or(0)
+                        }
+                        _ => 0,
+                    };
+                    if worker == 0 {
+                        self.sfu
+                            .handle_datagram(now, Protocol::Udp, meta.addr, destination, chunk);
+                    } else if let Some(r) = self.reader.as_mut() {
+                        r.push(worker, meta.addr, destination, chunk);
+                    }
                 }
+            }
+            if let Some(r) = self.reader.as_mut() {
+                r.hand_over();
             }
         }
     }
 
     /// The candidate address a datagram was sent to.
     fn destination(&self, dst_ip: Option<IpAddr>) -> SocketAddr {
+        let candidates = &self.shared.candidates;
         if let Some(ip) = dst_ip
-            && let Some(c) = self.candidates.iter().find(|c| c.ip() == ip)
+            && let Some(c) = candidates.iter().find(|c| c.ip() == ip)
         {
             return *c;
         }
         // Behind a 1:1 NAT the packet's destination is a private address: use the public one.
-        self.candidates.first().copied().unwrap_or(self.local_addr)
+        candidates
+            .first()
+            .copied()
+            .unwrap_or(self.shared.local_addr)
     }
 
+    /// ICE-TCP, on worker 0: each connection goes to the worker of its session.
     fn tcp_event(&mut self, ev: tcp::Event) {
+        let Some(reader) = self.reader.as_mut() else {
+            return;
+        };
         match ev {
             tcp::Event::Open(peer, conn) => {
                 tracing::debug!(%peer, "ICE-TCP connection");
-                self.tcp_conns.insert(peer, conn);
+                reader.tcp_links.insert(peer, (conn, None));
             }
             tcp::Event::Frame(peer, frame) => {
-                let Some(local_ip) = self.tcp_conns.get(&peer).map(|c| c.local.ip()) else {
+                let worker = if self.shared.multi {
+                    reader.dispatch.route(peer, &frame).unwrap_or(0)
+                } else {
+                    0
+                };
+                let Some((conn, owner)) = reader.tcp_links.get_mut(&peer) else {
                     return;
                 };
-                let destination = self.destination(Some(local_ip));
-                self.sfu
-                    .handle_datagram(Instant::now(), Protocol::Tcp, peer, destination, &frame);
+                let moved = (*owner != Some(worker)).then(|| (owner.replace(worker), conn.clone()));
+                if let Some((old, conn)) = moved {
+                    match old {
+                        Some(0) => {
+                            self.tcp_conns.remove(&peer);
+                        }
+                        Some(old) => reader.send(old, Inbound::TcpClosed(peer)),
+                        None => {}
+                    }
+                    if worker == 0 {
+                        self.tcp_conns.insert(peer, conn);
+                    } else {
+                        reader.send(worker, Inbound::TcpOpen(peer, conn));
+                    }
+                }
+                if worker == 0 {
+                    self.tcp_frame(peer, &frame);
+                } else {
+                    reader.send(worker, Inbound::TcpFrame(peer, frame));
+                }
             }
-            tcp::Event::Closed(peer) => {
-                self.tcp_conns.remove(&peer);
-            }
+            tcp::Event::Closed(peer) => match reader.tcp_links.remove(&peer) {
+                Some((_, Some(0))) => {
+                    self.tcp_conns.remove(&peer);
+                }
+                Some((_, Some(worker))) => reader.send(worker, Inbound::TcpClosed(peer)),
+                _ => {}
+            },
         }
+    }
+
+    fn tcp_frame(&mut self, peer: SocketAddr, frame: &[u8]) {
+        let Some(local_ip) = self.tcp_conns.get(&peer).map(|c| c.local.ip()) else {
+            return;
+        };
+        let destination = self.destination(Some(local_ip));
+        self.sfu
+            .handle_datagram(Instant::now(), Protocol::Tcp, peer, destination, frame);
     }
 
     async fn flush(&mut self) {
@@ -264,7 +660,7 @@ impl Driver {
                 continue;
             }
             // Reply from the address the peer sent to: a browser matches responses by it.
-            let src_ip = Some(t.source.ip()).filter(|ip| self.local_ips.contains(ip));
+            let src_ip = Some(t.source.ip()).filter(|ip| self.shared.local_ips.contains(ip));
             let transmit = quinn_udp::Transmit {
                 destination: t.destination,
                 ecn: None,
@@ -273,14 +669,15 @@ impl Driver {
                 src_ip,
             };
             loop {
-                let res = self.sock.try_io(Interest::WRITABLE, || {
-                    self.state.try_send((&self.sock).into(), &transmit)
-                });
+                let res = self
+                    .state
+                    .try_send(UdpSockRef::from(self.io.get_ref()), &transmit);
                 match res {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if self.sock.writable().await.is_err() {
-                            break;
+                        match self.io.writable().await {
+                            Ok(mut guard) => guard.clear_ready(),
+                            Err(_) => break,
                         }
                     }
                     Err(err) => {
@@ -291,115 +688,14 @@ impl Driver {
             }
         }
         while let Some(ev) = self.sfu.poll_event() {
-            if self.events.send(ev).is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// ICE-TCP (RFC 6544) on the media port: each connection carries STUN, DTLS and SRTP packets,
-/// each preceded by its 16-bit length (RFC 4571).
-mod tcp {
-    use std::net::SocketAddr;
-
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-    use tokio::sync::mpsc;
-
-    /// Largest frame accepted; media packets are about an MTU.
-    const MAX_FRAME: usize = 8 * 1024;
-    /// Packets waiting to be written to one connection; more are dropped, as UDP would.
-    const WRITE_QUEUE: usize = 1024;
-
-    pub enum Event {
-        Open(SocketAddr, Conn),
-        Frame(SocketAddr, Vec<u8>),
-        Closed(SocketAddr),
-    }
-
-    /// The media loop's handle to one connection.
-    pub struct Conn {
-        pub local: SocketAddr,
-        tx: mpsc::Sender<Vec<u8>>,
-    }
-
-    impl Conn {
-        pub fn send(&self, packet: &[u8]) {
-            let Ok(len) = u16::try_from(packet.len()) else {
-                return;
-            };
-            let mut framed = Vec::with_capacity(packet.len() + 2);
-            framed.extend_from_slice(&len.to_be_bytes());
-            framed.extend_from_slice(packet);
-            if self.tx.try_send(framed).is_err() {
-                tracing::trace!("ICE-TCP write queue full; packet dropped");
-            }
-        }
-    }
-
-    pub async fn accept(listener: TcpListener, events: mpsc::Sender<Event>) {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(err) => {
-                    tracing::debug!(%err, "ICE-TCP accept failed");
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            let Ok(local) = stream.local_addr() else {
-                continue;
-            };
-            let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-            if events
-                .send(Event::Open(peer, Conn { local, tx }))
-                .await
-                .is_err()
+            if let MediaEvent::Closed { session } = ev
+                && self.ufrags.remove(&session).is_some()
             {
+                self.tell_dispatch(Control::Forget(session));
+            }
+            if self.shared.events.send((self.index, ev)).is_err() {
                 return;
             }
-            tokio::spawn(serve(stream, peer, rx, events.clone()));
         }
-    }
-
-    async fn serve(
-        stream: TcpStream,
-        peer: SocketAddr,
-        mut outgoing: mpsc::Receiver<Vec<u8>>,
-        events: mpsc::Sender<Event>,
-    ) {
-        let (mut reader, mut writer) = stream.into_split();
-        let writes = tokio::spawn(async move {
-            while let Some(frame) = outgoing.recv().await {
-                if writer.write_all(&frame).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let mut len = [0u8; 2];
-        let mut buf = vec![0u8; MAX_FRAME];
-        loop {
-            if reader.read_exact(&mut len).await.is_err() {
-                break;
-            }
-            let n = usize::from(u16::from_be_bytes(len));
-            if n == 0 || n > MAX_FRAME {
-                tracing::debug!(%peer, n, "ICE-TCP frame of a bad size; closing");
-                break;
-            }
-            if reader.read_exact(&mut buf[..n]).await.is_err() {
-                break;
-            }
-            if events
-                .send(Event::Frame(peer, buf[..n].to_vec()))
-                .await
-                .is_err()
-            {
-                break;
-            }
-        }
-        writes.abort();
-        let _ = events.send(Event::Closed(peer)).await;
     }
 }

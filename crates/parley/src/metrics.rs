@@ -28,6 +28,11 @@ pub struct RtpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabel {
+    pub worker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DirectionLabel {
     pub direction: String,
 }
@@ -35,6 +40,7 @@ pub struct DirectionLabel {
 pub struct Metrics {
     registry: Registry,
     pub sessions_active: Gauge,
+    pub worker_sessions: Family<WorkerLabel, Gauge>,
     pub rooms_active: Gauge,
     pub participants_active: Gauge,
     pub state_changes: Family<StateLabel, Counter>,
@@ -56,8 +62,9 @@ pub struct Metrics {
     cpu_seconds: Counter<f64, AtomicU64>,
     rss_bytes: Gauge,
     open_fds: Gauge,
-    /// The media counters already exported, to add only what is new.
-    exported: Mutex<SfuStats>,
+    /// Per media worker: its sessions and the counters already exported (to add only what
+    /// is new).
+    exported: Mutex<Vec<(usize, SfuStats)>>,
     cpu_exported: Mutex<f64>,
 }
 
@@ -66,6 +73,7 @@ impl Metrics {
         let mut registry = Registry::default();
         let m = Metrics {
             sessions_active: Gauge::default(),
+            worker_sessions: Family::default(),
             rooms_active: Gauge::default(),
             participants_active: Gauge::default(),
             state_changes: Family::default(),
@@ -85,7 +93,7 @@ impl Metrics {
             open_fds: Gauge::default(),
             ws_in: Counter::default(),
             ws_out: Counter::default(),
-            exported: Mutex::new(SfuStats::default()),
+            exported: Mutex::new(Vec::new()),
             cpu_exported: Mutex::new(0.0),
             registry: Registry::default(),
         };
@@ -109,6 +117,11 @@ impl Metrics {
             "sessions_active",
             "Media sessions (PeerConnections)",
             m.sessions_active.clone(),
+        );
+        p.register(
+            "media_worker_sessions",
+            "Media sessions on each media worker (thread)",
+            m.worker_sessions.clone(),
         );
         p.register(
             "rooms_active",
@@ -192,12 +205,29 @@ impl Metrics {
         c.inc();
     }
 
-    /// Adds what the media plane counted since the last export.
-    pub fn export_media(&self, sessions: usize, stats: &SfuStats, samples: &[Sample]) {
-        self.sessions_active.set(sessions as i64);
-        let Ok(mut last) = self.exported.lock() else {
+    /// Adds what media worker `worker` counted since its last export.
+    pub fn export_media(
+        &self,
+        worker: usize,
+        sessions: usize,
+        stats: &SfuStats,
+        samples: &[Sample],
+    ) {
+        let Ok(mut exported) = self.exported.lock() else {
             return;
         };
+        if exported.len() <= worker {
+            exported.resize_with(worker + 1, Default::default);
+        }
+        exported[worker].0 = sessions;
+        let total: usize = exported.iter().map(|(s, _)| s).sum();
+        self.sessions_active.set(total as i64);
+        self.worker_sessions
+            .get_or_create(&WorkerLabel {
+                worker: worker.to_string(),
+            })
+            .set(sessions as i64);
+        let last = &mut exported[worker].1;
         for (k, name) in [(AUDIO, "audio"), (VIDEO, "video")] {
             for (dir, packets, bytes, last_p, last_b) in [
                 (
@@ -322,16 +352,24 @@ mod tests {
         let mut s = SfuStats::default();
         s.rtp_in_packets[VIDEO] = 10;
         s.rtp_in_bytes[VIDEO] = 1000;
-        m.export_media(2, &s, &[Sample::Loss(0.01)]);
+        m.export_media(0, 2, &s, &[Sample::Loss(0.01)]);
         s.rtp_in_packets[VIDEO] = 15;
-        m.export_media(2, &s, &[]);
+        m.export_media(0, 2, &s, &[]);
+        // A second worker's counters add to the first's.
+        let mut other = SfuStats::default();
+        other.rtp_in_packets[VIDEO] = 5;
+        m.export_media(1, 1, &other, &[]);
         m.ws_message(true);
         let text = m.render();
         assert!(
-            text.contains("parley_rtp_packets_total{direction=\"in\",kind=\"video\"} 15"),
+            text.contains("parley_rtp_packets_total{direction=\"in\",kind=\"video\"} 20"),
             "{text}"
         );
-        assert!(text.contains("parley_sessions_active 2"), "{text}");
+        assert!(text.contains("parley_sessions_active 3"), "{text}");
+        assert!(
+            text.contains("parley_media_worker_sessions{worker=\"1\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("parley_rtcp_loss_ratio_count 1"), "{text}");
         assert!(
             text.contains("parley_ws_messages_total{direction=\"in\"} 1"),

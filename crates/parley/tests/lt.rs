@@ -11,6 +11,10 @@ use support::*;
 /// Runs `parley lt` with `load` against a fresh server; returns its stdout and final JSON line.
 async fn load_test(load: &'static [&'static str]) -> (String, Value) {
     let server = Server::start(&[]).await;
+    run_lt(&server, load).await
+}
+
+async fn run_lt(server: &Server, load: &'static [&'static str]) -> (String, Value) {
     let url = format!("ws://{}/ws", server.http);
     let pid = server.child.id().to_string();
     let out = tokio::task::spawn_blocking(move || {
@@ -87,6 +91,36 @@ async fn simulated_cameras_and_screen_shares_reach_the_others() {
         // No loss bound here: with the other tests sharing the two cores the receivers fall
         // behind and video loss reached 11 % (bench/RESULTS.md has loss under a real load).
         assert!(v["loss_pct"].is_number(), "{v}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn calls_spread_over_media_workers_and_keep_their_media() {
+    within_time_limit(async {
+        let server = Server::start(&["--media-workers", "3"]).await;
+        let http = server.http;
+        // Halfway through the steady window, each of the three calls has its own worker.
+        let during = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+            get_text(http, "/metrics").await.1
+        });
+        let (text, v) = run_lt(
+            &server,
+            &["--calls", "3", "--users-per-call", "3", "--unmuted", "2"],
+        )
+        .await;
+        let metrics = during.await.expect("metrics scraped");
+        for w in 0..3 {
+            let series = format!("parley_media_worker_sessions{{worker=\"{w}\"}}");
+            assert_eq!(metric(&metrics, &series), Some(3.0), "{series}: {metrics}");
+        }
+        assert_eq!(v["users"], 9, "{v}");
+        assert!(text.contains("9 of 9"), "all connected: {text}");
+        // 200 packets/s per call, as above, whichever worker the call is on.
+        let pps = v["rx_pps"].as_f64().expect("rx_pps");
+        assert!((450.0..=720.0).contains(&pps), "rx_pps {pps}: {text}");
+        assert!(v["loss_pct"].as_f64().expect("loss") < 2.0, "{v}");
     })
     .await;
 }

@@ -117,6 +117,11 @@ impl Sfu {
         self.sessions.len()
     }
 
+    /// The local ICE ufrag of a session: STUN for it names it in its USERNAME.
+    pub fn ice_ufrag(&mut self, session: SessionId) -> Option<String> {
+        Some(self.sessions.get_mut(&session)?.ufrag())
+    }
+
     /// Counters since start.
     pub fn stats(&self) -> &SfuStats {
         &self.stats
