@@ -491,6 +491,9 @@ fn error_code_name(code: ErrorCode) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Bytes read from a signaling WebSocket at a time (larger messages take several reads).
+const WS_READ_BUFFER: usize = 8 * 1024;
+
 async fn ws_upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
     // The transport's own cap is generous so that a too-large frame gets a clear error from us.
     let cap = state
@@ -498,8 +501,11 @@ async fn ws_upgrade(ws: WebSocketUpgrade, State(state): State<AppState>) -> Resp
         .max_message_bytes
         .saturating_mul(16)
         .max(1 << 20);
+    // Signaling is a few small messages a second: tungstenite's default 128 KiB read buffer
+    // per connection was a third of an idle participant's memory.
     ws.max_message_size(cap)
         .max_frame_size(cap)
+        .read_buffer_size(WS_READ_BUFFER)
         .on_upgrade(move |socket| connection(socket, state))
 }
 

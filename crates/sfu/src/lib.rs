@@ -24,13 +24,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use parley_proto::media::{MediaCommand, MediaEvent, SessionId, TrackSource};
-use str0m::Input;
 use str0m::bwe::Bitrate;
 use str0m::format::Codec;
 use str0m::ice::StunMessage;
 use str0m::media::{KeyframeRequestKind, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::Vp8Descriptor;
+use str0m::{Input, Reason};
 
 use alloc::{Choice, Demand, LayerInfo};
 use session::{Incoming, Pause, Session, TrackOut};
@@ -86,6 +86,8 @@ const TICK: Duration = Duration::from_millis(200);
 const LAYER_ALIVE: Duration = Duration::from_millis(1000);
 /// How often a subscriber whose videos are all paused for bandwidth is probed for more.
 const STARVED_PROBE_EVERY: Duration = Duration::from_secs(4);
+/// How often a session with no video, otherwise idle, lets str0m's bandwidth estimator run.
+const NO_VIDEO_BWE_EVERY: Duration = Duration::from_millis(250);
 /// Assumed need of one forwarded audio track when sharing a subscriber's bandwidth.
 const AUDIO_BITRATE: u64 = 50_000;
 
@@ -490,9 +492,19 @@ impl Sfu {
                 &mut self.stats,
                 &mut self.samples,
             );
-            if session.next_timeout != out.timeout {
-                session.next_timeout = out.timeout;
-                self.timers.push(Reverse((out.timeout, sid)));
+            let mut timeout = out.timeout;
+            if session.rtc.last_timeout_reason() == Reason::BweDelayControl && !session.has_video()
+            {
+                // str0m's delay controller asks for a turn every 25 ms even with nothing to
+                // estimate; with no video either way no estimate is used, so an otherwise
+                // idle session wakes for it a few times a second instead of forty. Its other
+                // timers (RTCP reports, ICE, stats) are a second or more apart, and whatever
+                // is due runs anyway whenever a packet drives the session.
+                timeout = timeout.max(now + NO_VIDEO_BWE_EVERY);
+            }
+            if session.next_timeout != timeout {
+                session.next_timeout = timeout;
+                self.timers.push(Reverse((timeout, sid)));
             }
             for added in out.tracks_added {
                 self.publish(sid, added.0, added.1);

@@ -358,6 +358,15 @@ impl Session {
         }
     }
 
+    /// Whether video flows to or from this participant (a bandwidth estimate matters).
+    pub fn has_video(&self) -> bool {
+        self.tracks_in.iter().any(|t| t.kind == MediaKind::Video)
+            || self
+                .tracks_out
+                .iter()
+                .any(|t| t.kind == MediaKind::Video && t.is_open())
+    }
+
     pub fn ufrag(&mut self) -> String {
         self.rtc.direct_api().local_ice_credentials().ufrag
     }
