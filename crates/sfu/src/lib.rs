@@ -259,12 +259,28 @@ impl Sfu {
         if self.next_tick.is_some_and(|t| t <= now) {
             self.tick(now);
         }
-        self.drive_all(now);
+        // The sessions are polled as their datagrams are taken (`poll_transmit`).
+        self.pending_now = Some(now);
     }
 
+    /// The next datagram to send. Sessions with work are polled one at a time, as their
+    /// datagrams are taken: the time str0m stamps on a packet for transport-wide congestion
+    /// control is then close to when it leaves, not a whole round of sessions earlier (which
+    /// a bandwidth estimator takes for a queue building up).
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.drive_pending();
-        self.transmits.pop_front()
+        loop {
+            if let Some(t) = self.transmits.pop_front() {
+                return Some(t);
+            }
+            let now = self.pending_now?;
+            match self.to_drive.pop_front() {
+                Some(sid) if self.sessions.get(&sid).is_some_and(|s| s.queued) => {
+                    self.drive_session(sid, now)
+                }
+                Some(_) => {}
+                None => self.pending_now = None,
+            }
+        }
     }
 
     pub fn poll_event(&mut self) -> Option<MediaEvent> {
@@ -686,10 +702,23 @@ impl Sfu {
             return;
         };
         let dominant = self.dominant.get(&sub.room).and_then(|d| d.current());
+        // Bandwidth is kept for the audio that flows: a muted microphone sends nothing, and in
+        // a large call reserving for every open audio track would leave none for video.
         let audio = sub
             .tracks_out
             .iter()
             .filter(|t| t.is_open() && t.kind == MediaKind::Audio)
+            .filter(|t| {
+                self.sessions
+                    .get(&t.publisher)
+                    .and_then(|p| p.tracks_in.iter().find(|x| x.mid == t.publisher_mid))
+                    .is_some_and(|track| {
+                        track.layers.iter().any(|l| {
+                            l.last_packet
+                                .is_some_and(|at| now.saturating_duration_since(at) < LAYER_ALIVE)
+                        })
+                    })
+            })
             .count() as u64;
         let budget = sub
             .estimate
@@ -756,8 +785,7 @@ impl Sfu {
             return;
         };
         let mut keyframes = Vec::new();
-        let mut allocated = 0;
-        for (((i, rids, alive), choice), demand) in which.into_iter().zip(choices).zip(&demands) {
+        for ((i, rids, alive), choice) in which.into_iter().zip(choices) {
             let t = &mut sub.tracks_out[i];
             let (target, paused) = match choice {
                 Choice::Layer(l) => {
@@ -769,7 +797,6 @@ impl Sfu {
                     } else {
                         l
                     };
-                    allocated += alloc::layer_bitrate(&demand.layers, l);
                     (Some(rids[l]), None)
                 }
                 Choice::Hidden => (None, Some(Pause::Hidden)),
@@ -798,6 +825,11 @@ impl Sfu {
                 };
                 tx.set_rtx_cache(packets, age, Some(0.15));
             }
+            if paused.is_some() {
+                // Resuming starts afresh at a keyframe, where the munger re-bases sequence
+                // numbers: the packets skipped while paused leave no gap to NACK.
+                t.current = None;
+            }
             t.paused = paused;
             if target != t.target {
                 tracing::debug!(session = %sid, publisher = %t.publisher, from = ?t.target, to = ?target, ?budget, "layer target");
@@ -810,12 +842,12 @@ impl Sfu {
             }
         }
         if unconstrained > 0 {
-            // No padding beyond what is forwarded (it would crowd out audio on a thin link);
-            // probing towards `desired` finds out when more fits.
-            // Padding only up to the video being forwarded (audio needs none); probing towards
-            // what the subscriber would like, in coarse steps so it is not asked for again and
-            // again as the estimate moves.
-            let min = allocated;
+            // No sustained padding (str0m keeps its own 50 kbit/s while media flows): padding
+            // up to the forwarded video filled every gap between frames with tiny packets, a
+            // timer and a send each, and added nothing the estimate needed. Probing goes
+            // towards what the subscriber would like, in coarse steps so it is not asked for
+            // again and again as the estimate moves.
+            let min = 0;
             let mut desired = desired.div_ceil(100_000) * 100_000;
             let starved = sub
                 .tracks_out

@@ -329,7 +329,10 @@ impl Session {
             .clear_codecs()
             .enable_opus(true, true)
             .enable_vp8(true)
-            .enable_bwe(Some(Bitrate::kbps(1_000)))
+            // The estimate starts where a screen share (~1.6 Mbit/s) or a top camera layer fits:
+            // from 1 Mbit/s, 29 viewers of a share got 30 % fewer of its packets in a 12 s run
+            // while their estimates climbed; a thin link brings it down within seconds.
+            .enable_bwe(Some(Bitrate::kbps(2_500)))
             .set_stats_interval(Some(Duration::from_secs(5)))
             .build(now);
         Session {

@@ -285,3 +285,25 @@ fn red_audio_reaches_subscribers_with_and_without_red() {
     assert!(red_bytes > 0, "no RED towards bob");
     assert_eq!(cy_red, 0, "RED sent to cy, who did not negotiate it");
 }
+
+#[test]
+fn muted_participants_leave_the_bandwidth_to_video() {
+    // Fifteen open audio tracks reach bob, but only ada's carries sound: were each to keep
+    // its share of bob's 1.2 Mbit/s link, ada's video could not have its top layer.
+    let mut w = World::new();
+    let ada = w.join_simulcast("ada", "big");
+    let bob = w.join("bob", "big");
+    for i in 0..14 {
+        let p = w.join(&format!("muted{i}"), "big");
+        w.peers[p].sending = false;
+    }
+    w.peers[bob].down.rate = Some(1_200_000);
+    let took = w.run_until(Duration::from_secs(20), "bob on ada's top layer", |w| {
+        layer(w, bob, "ada") == 3
+    });
+    eprintln!("top layer beside 14 muted participants after {took:?}");
+    w.run(Duration::from_secs(3));
+    assert_eq!(layer(&w, bob, "ada"), 3, "stays on the top layer");
+    assert!(w.received(bob, "ada", MediaKind::Audio) > 100);
+    let _ = ada;
+}
