@@ -543,12 +543,6 @@ impl MediaUser {
                 r = self.sock.recv_from(&mut buf) => {
                     let (n, source) = r?;
                     self.receive(n, source, &buf)?;
-                    // The rest of a burst is taken in before polling every peer: str0m
-                    // stamps arrival when a packet is handed over, and late stamps would
-                    // look like a queue to the server's bandwidth estimator.
-                    while let Ok((n, source)) = self.sock.try_recv_from(&mut buf) {
-                        self.receive(n, source, &buf)?;
-                    }
                 }
                 _ = tokio::time::sleep(wait) => self.timeout()?,
             }

@@ -36,6 +36,9 @@ pub(crate) async fn run(
     result
 }
 
+/// How often a quiet signaling connection says something.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -58,8 +61,15 @@ async fn signal(
         last_in,
     ))
     .await?;
+    // The server closes a connection that says nothing for 30 s; a user of a quiet call has
+    // nothing to answer for longer than that.
+    let mut keepalive = tokio::time::interval(KEEPALIVE);
+    keepalive.reset();
     loop {
         tokio::select! {
+            _ = keepalive.tick() => {
+                ws.send(Message::Text(json!({"type": "ping"}).to_string().into())).await?;
+            }
             cmd = cmds.recv() => {
                 let Some(cmd) = cmd else { break };
                 let msg = match cmd {
