@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use harness::World;
 use parley_proto::media::{MediaCommand, MediaEvent, SessionId, TileView, TrackSource};
+use str0m::format::Codec;
 use str0m::media::MediaKind;
 
 fn view(w: &mut World, viewer: usize, publisher: usize, width: u32) {
@@ -186,10 +187,7 @@ fn a_link_too_thin_for_video_pauses_it_and_audio_continues() {
         }
         w.now - quiet_since > Duration::from_secs(1)
     });
-    let (video, audio) = (
-        w.received(bob, "ada", MediaKind::Video),
-        w.received(bob, "ada", MediaKind::Audio),
-    );
+    let audio = w.received(bob, "ada", MediaKind::Audio);
     let carried_before = w.peers[bob].down.by_pt.clone();
     let dropped_before = w.peers[bob].down.dropped;
     w.run(Duration::from_secs(3));
@@ -203,10 +201,22 @@ fn a_link_too_thin_for_video_pauses_it_and_audio_continues() {
         "in the window bob's link carried {window:?}, dropped {}",
         w.peers[bob].down.dropped - dropped_before
     );
-    let more = w.received(bob, "ada", MediaKind::Video) - video;
+    // No new video is sent. (Frames may still complete late: str0m's padding resends a
+    // cached packet, which can fill a gap left on the link before the pause.)
+    let vp8 = w.peers[bob]
+        .rtc
+        .codec_config()
+        .iter()
+        .find(|p| p.spec().codec == Codec::Vp8)
+        .map(|p| *p.pt())
+        .expect("bob has VP8");
+    let fresh = window
+        .iter()
+        .find(|(pt, _)| *pt == vp8)
+        .map_or(0, |(_, bytes)| *bytes);
     assert!(
-        more <= 3,
-        "video kept flowing while paused: {more} frames in 3 s"
+        fresh < 2_000,
+        "video kept flowing while paused: {fresh} bytes of VP8 in 3 s"
     );
     let got = w.received(bob, "ada", MediaKind::Audio) - audio;
     assert!(got > 135, "audio stalled: {got} of 150 packets in 3 s");
