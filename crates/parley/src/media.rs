@@ -9,12 +9,14 @@
 //! which session a datagram is for), and the batches' buffers come back to it for reuse. Every
 //! worker sends its own packets on the shared socket.
 
+mod batch;
 mod dispatch;
 mod tcp;
 
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -190,6 +192,7 @@ pub fn start(
                         control,
                         ufrags: HashMap::new(),
                         reader: None,
+                        out: Vec::with_capacity(SEND_BATCH),
                     };
                     let mut lead_rx = LeadChannels::default();
                     if let Some((reader, router, control_rx, listener)) = lead {
@@ -341,6 +344,8 @@ const INBOX: usize = 1024;
 const SPARE: usize = 64;
 
 const BATCH: usize = 32;
+/// Datagrams gathered for one send.
+const SEND_BATCH: usize = 16;
 const BUF: usize = 2048;
 
 /// Worker 0's reading side: the dispatch table and the hand-over to the other workers.
@@ -420,6 +425,8 @@ struct Worker {
     ufrags: HashMap<SessionId, String>,
     /// On worker 0.
     reader: Option<Reader>,
+    /// Datagrams being sent (kept for its buffer).
+    out: Vec<parley_sfu::Transmit>,
 }
 
 impl Worker {
@@ -651,41 +658,26 @@ impl Worker {
     }
 
     async fn flush(&mut self) {
-        while let Some(t) = self.sfu.poll_transmit() {
-            if t.proto == Protocol::Tcp {
-                match self.tcp_conns.get(&t.destination) {
-                    Some(conn) => conn.send(&t.contents),
-                    None => tracing::trace!(dest = %t.destination, "no ICE-TCP connection"),
-                }
-                continue;
-            }
-            // Reply from the address the peer sent to: a browser matches responses by it.
-            let src_ip = Some(t.source.ip()).filter(|ip| self.shared.local_ips.contains(ip));
-            let transmit = quinn_udp::Transmit {
-                destination: t.destination,
-                ecn: None,
-                contents: &t.contents,
-                segment_size: None,
-                src_ip,
-            };
-            loop {
-                let res = self
-                    .state
-                    .try_send(UdpSockRef::from(self.io.get_ref()), &transmit);
-                match res {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        match self.io.writable().await {
-                            Ok(mut guard) => guard.clear_ready(),
-                            Err(_) => break,
-                        }
+        loop {
+            // A few datagrams at a time: enough for one `sendmmsg`, few enough that the first
+            // leaves soon after str0m stamped its send time.
+            while self.out.len() < SEND_BATCH {
+                let Some(t) = self.sfu.poll_transmit() else {
+                    break;
+                };
+                if t.proto == Protocol::Tcp {
+                    match self.tcp_conns.get(&t.destination) {
+                        Some(conn) => conn.send(&t.contents),
+                        None => tracing::trace!(dest = %t.destination, "no ICE-TCP connection"),
                     }
-                    Err(err) => {
-                        tracing::debug!(%err, dest = %t.destination, "media send error");
-                        break;
-                    }
+                    continue;
                 }
+                self.out.push(t);
             }
+            if self.out.is_empty() {
+                break;
+            }
+            self.send_out().await;
         }
         while let Some(ev) = self.sfu.poll_event() {
             if let MediaEvent::Closed { session } = ev
@@ -697,5 +689,69 @@ impl Worker {
                 return;
             }
         }
+    }
+
+    /// Sends `self.out`: runs of IPv4 datagrams with one `sendmmsg` each, others one by one.
+    async fn send_out(&mut self) {
+        let out = std::mem::take(&mut self.out);
+        let mut next = 0;
+        while next < out.len() {
+            let ipv4 = self.shared.local_addr.is_ipv4();
+            let run: Vec<batch::Datagram<'_>> = out[next..]
+                .iter()
+                .take(batch::MAX)
+                .map_while(|t| match (ipv4, t.destination, self.reply_from(t)) {
+                    (true, SocketAddr::V4(destination), None | Some(IpAddr::V4(_))) => {
+                        Some(batch::Datagram {
+                            destination,
+                            source: match self.reply_from(t) {
+                                Some(IpAddr::V4(ip)) => Some(ip),
+                                _ => None,
+                            },
+                            contents: &t.contents,
+                        })
+                    }
+                    _ => None,
+                })
+                .collect();
+            let res = if run.is_empty() {
+                self.send_one(&out[next]).map(|()| 1)
+            } else {
+                batch::send(self.io.get_ref().as_raw_fd(), &run)
+            };
+            match res {
+                Ok(n) => next += n.max(1),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self.io.writable().await {
+                    Ok(mut guard) => guard.clear_ready(),
+                    Err(_) => break,
+                },
+                Err(err) => {
+                    // This datagram only (an unreachable peer and the like); go on after it.
+                    tracing::debug!(%err, dest = %out[next].destination, "media send error");
+                    next += 1;
+                }
+            }
+        }
+        self.out = out;
+        self.out.clear();
+    }
+
+    /// The address a reply leaves from: the one the peer sent to, as a browser matches
+    /// responses by it (when it is this host's own).
+    fn reply_from(&self, t: &parley_sfu::Transmit) -> Option<IpAddr> {
+        Some(t.source.ip()).filter(|ip| self.shared.local_ips.contains(ip))
+    }
+
+    /// One datagram through quinn-udp (IPv6).
+    fn send_one(&self, t: &parley_sfu::Transmit) -> io::Result<()> {
+        let transmit = quinn_udp::Transmit {
+            destination: t.destination,
+            ecn: None,
+            contents: &t.contents,
+            segment_size: None,
+            src_ip: self.reply_from(t),
+        };
+        self.state
+            .try_send(UdpSockRef::from(self.io.get_ref()), &transmit)
     }
 }
