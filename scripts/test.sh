@@ -18,7 +18,7 @@ command -v chromium >/dev/null || [ -x /usr/bin/chromium ] || need_pkgs+=(chromi
 command -v node >/dev/null || need_pkgs+=(nodejs)
 command -v npm >/dev/null || need_pkgs+=(npm)
 command -v iptables >/dev/null || need_pkgs+=(iptables)
-command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v ip >/dev/null && command -v tc >/dev/null || need_pkgs+=(iproute2)
 command -v turnserver >/dev/null || need_pkgs+=(coturn)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]} from Debian's packages"
@@ -55,6 +55,7 @@ log "browser tests (headless Chromium)"
     node speaking.mjs
     node simulcast.mjs
     node screenshare.mjs
+    node bandwidth.mjs
     node lastn.mjs
     node operations.mjs
     node direct_call.mjs

@@ -1,0 +1,143 @@
+// Low bandwidth: a publisher and a viewer; then everything the SFU sends is squeezed through
+// 150 kbit/s (an htb class on the loopback interface for UDP from the media port). The viewer's
+// bandwidth estimate falls below what the lowest simulcast layer and the audio need: the
+// publisher's tile must say that its video is paused for bandwidth while the audio keeps
+// arriving. With the limit lifted, the label goes and video is decoded again. Needs root (tc);
+// prints how long each step took. (At 100 kbit/s the audio itself is cut: str0m pads 50 kbit/s
+// whenever media flows, which with Chrome's ~57 kbit/s of Opus on the wire overflows the link.)
+//
+//   node tests/e2e/bandwidth.mjs           (PARLEY_BIN, CHROMIUM override the binaries)
+import { execFileSync } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { join } from "node:path";
+import { closeAll, launchChromium, log, repoRoot, reportFailure, runTest, startServer, waitFor } from "./harness.mjs";
+
+const TOTAL_TIMEOUT_MS = 150000;
+const MEDIA_TIMEOUT_MS = 20000;
+const PAUSE_TIMEOUT_MS = 40000;
+const RESUME_TIMEOUT_MS = 40000;
+const LIMIT = "150kbit";
+
+function tc(...args) {
+  execFileSync("tc", args, { stdio: ["ignore", "ignore", "pipe"] });
+}
+
+/** Shapes UDP sent from `port` on the loopback interface; the rest of lo is untouched. */
+function limitFrom(port) {
+  // htb passes unclassified traffic unshaped; the class holds half a second of queue.
+  tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "0");
+  tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:10", "htb", "rate", LIMIT, "ceil", LIMIT);
+  tc("qdisc", "add", "dev", "lo", "parent", "1:10", "handle", "10:", "bfifo", "limit", "6000");
+  tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip", "protocol", "17", "0xff", "match", "ip", "sport", String(port), "0xffff", "flowid", "1:10");
+}
+
+function unlimit() {
+  try {
+    tc("qdisc", "del", "dev", "lo", "root");
+  } catch {
+    // Nothing was added.
+  }
+}
+
+/** In a page: the publisher's tile state and what arrives from it. */
+async function fromPublisher(pid) {
+  const c = window.parley && window.parley.client;
+  const tile = document.querySelector(`.tile[data-participant="${pid}"][data-source="camera"]`);
+  const label = tile && tile.querySelector(".paused-label");
+  const r = {
+    paused: tile ? tile.dataset.videoPaused : null,
+    labelShown: !!label && !label.hidden,
+    frames: 0,
+    audioPackets: 0,
+  };
+  if (c && c.pc) {
+    (await c.pc.getStats()).forEach((s) => {
+      if (s.type !== "inbound-rtp") return;
+      if (s.kind === "video") r.frames += s.framesDecoded || 0;
+      if (s.kind === "audio") r.audioPackets += s.packetsReceived || 0;
+    });
+  }
+  return r;
+}
+
+let server = null;
+let browser = null;
+const pages = {};
+const consoleLines = [];
+const serverMsgs = [];
+process.on("exit", unlimit);
+
+await runTest("bandwidth", {
+  timeoutMs: TOTAL_TIMEOUT_MS,
+  async body() {
+    unlimit();
+    server = await startServer({ logFile: join(repoRoot, "tests/e2e/server-bandwidth.log") });
+    browser = await launchChromium();
+    const room = `e2e-bw-${randomBytes(4).toString("hex")}`;
+    for (const name of ["Pub", "View"]) {
+      const page = await (await browser.newContext({ viewport: { width: 1280, height: 720 } })).newPage();
+      page.on("console", (m) => consoleLines.push(`[${name}] ${m.type()}: ${m.text()}`));
+      page.on("websocket", (ws) =>
+        ws.on("framereceived", (f) => {
+          try {
+            const m = JSON.parse(f.payload);
+            if (["video_paused", "error"].includes(m.type)) serverMsgs.push(`[${name}] ${f.payload}`);
+          } catch {}
+        }),
+      );
+      await page.goto(`${server.url}/r/${room}?name=${name}&autojoin=1`, { waitUntil: "domcontentloaded" });
+      pages[name] = page;
+    }
+    const pubId = await pages.Pub.waitForFunction(() => window.parley && window.parley.client && window.parley.client.participantId, null, { timeout: 10000 }).then((h) => h.jsonValue());
+
+    let s = null;
+    await waitFor(
+      async () => {
+        s = await pages.View.evaluate(fromPublisher, pubId);
+        return s.frames > 10 && s.audioPackets > 0 && s.paused === "false" && !s.labelShown;
+      },
+      { timeoutMs: MEDIA_TIMEOUT_MS, intervalMs: 200, message: `the viewer to decode the publisher's video (${JSON.stringify(s)})` },
+    );
+    log(`viewer decodes: ${JSON.stringify(s)}`);
+
+    limitFrom(server.rtcPort);
+    const limitedAt = Date.now();
+    log(`UDP from the media port limited to ${LIMIT}`);
+    await waitFor(
+      async () => {
+        s = await pages.View.evaluate(fromPublisher, pubId);
+        return s.paused === "true" && s.labelShown;
+      },
+      { timeoutMs: PAUSE_TIMEOUT_MS, intervalMs: 250, message: `the tile to show "video paused" (${JSON.stringify(s)})` },
+    );
+    console.log(`VIDEO_PAUSED_AFTER_MS ${Date.now() - limitedAt}`);
+    const before = s;
+    await new Promise((r) => setTimeout(r, 3000));
+    const after = await pages.View.evaluate(fromPublisher, pubId);
+    log(`while paused, 3 s: audio packets ${before.audioPackets} -> ${after.audioPackets}, frames ${before.frames} -> ${after.frames}`);
+    if (after.audioPackets - before.audioPackets < 75) {
+      throw new Error(`audio did not keep flowing while the video was paused: ${after.audioPackets - before.audioPackets} packets in 3 s`);
+    }
+
+    unlimit();
+    const liftedAt = Date.now();
+    log("limit lifted");
+    await waitFor(
+      async () => {
+        s = await pages.View.evaluate(fromPublisher, pubId);
+        return s.paused === "false" && !s.labelShown && s.frames > after.frames + 10;
+      },
+      { timeoutMs: RESUME_TIMEOUT_MS, intervalMs: 250, message: `video to come back (${JSON.stringify(s)})` },
+    );
+    console.log(`VIDEO_RESUMED_AFTER_MS ${Date.now() - liftedAt}`);
+  },
+  async onFailure() {
+    unlimit();
+    if (serverMsgs.length) console.error(`--- video_paused/error received ---\n${serverMsgs.slice(-20).join("\n")}`);
+    reportFailure(consoleLines, server, 60);
+  },
+  async cleanup() {
+    unlimit();
+    await closeAll([browser], server);
+  },
+});
