@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of Parley on a fresh machine: installs what the tests need (Debian's
-# Chromium, Node.js), checks formatting and lints, runs the Rust tests (unit, deterministic
-# SFU simulations, signaling protocol against the real binary) and the end-to-end tests in
-# headless Chromium against a release build.
+# Chromium, Node.js, coturn, Janus), checks formatting and lints, runs the Rust tests (unit,
+# deterministic SFU simulations, signaling protocol against the real binary), the end-to-end
+# tests in headless Chromium against a release build, and a short load test of every adapter
+# of `parley lt` (Parley, Janus, the UDP floor).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,7 @@ command -v npm >/dev/null || need_pkgs+=(npm)
 command -v iptables >/dev/null || need_pkgs+=(iptables)
 command -v ip >/dev/null && command -v tc >/dev/null || need_pkgs+=(iproute2)
 command -v turnserver >/dev/null || need_pkgs+=(coturn)
+command -v janus >/dev/null || need_pkgs+=(janus)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     log "installing ${need_pkgs[*]} from Debian's packages"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -40,8 +42,8 @@ cargo clippy --release --workspace --all-targets -q -- -D warnings
 log "Rust tests (release profile, shared with the binary the browser tests use)"
 cargo test --release --workspace
 
-log "building parley (release)"
-cargo build --release -p parley
+log "building parley and the UDP floor (release)"
+cargo build --release -p parley -p parley-floor
 
 log "browser tests (headless Chromium)"
 (
@@ -65,5 +67,8 @@ log "browser tests (headless Chromium)"
     node denied.mjs
     node failover.mjs
 )
+
+log "load tester end to end against Parley, Janus and the UDP floor (bench/run.sh --quick)"
+bench/run.sh --quick --no-build --out "$(mktemp -d -t parley-bench-smoke.XXXXXX)"
 
 log "all tests passed"
