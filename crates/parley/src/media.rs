@@ -696,28 +696,11 @@ impl Worker {
         let out = std::mem::take(&mut self.out);
         let mut next = 0;
         while next < out.len() {
-            let ipv4 = self.shared.local_addr.is_ipv4();
-            let run: Vec<batch::Datagram<'_>> = out[next..]
-                .iter()
-                .take(batch::MAX)
-                .map_while(|t| match (ipv4, t.destination, self.reply_from(t)) {
-                    (true, SocketAddr::V4(destination), None | Some(IpAddr::V4(_))) => {
-                        Some(batch::Datagram {
-                            destination,
-                            source: match self.reply_from(t) {
-                                Some(IpAddr::V4(ip)) => Some(ip),
-                                _ => None,
-                            },
-                            contents: &t.contents,
-                        })
-                    }
-                    _ => None,
-                })
-                .collect();
-            let res = if run.is_empty() {
-                self.send_one(&out[next]).map(|()| 1)
+            let res = if self.batchable(&out[next]).is_some() {
+                let fd = self.io.get_ref().as_raw_fd();
+                batch::send(fd, out[next..].iter().map_while(|t| self.batchable(t)))
             } else {
-                batch::send(self.io.get_ref().as_raw_fd(), &run)
+                self.send_one(&out[next]).map(|()| 1)
             };
             match res {
                 Ok(n) => next += n.max(1),
@@ -734,6 +717,23 @@ impl Worker {
         }
         self.out = out;
         self.out.clear();
+    }
+
+    /// `t` as a datagram for `sendmmsg`: IPv4 to IPv4 only.
+    fn batchable<'t>(&self, t: &'t parley_sfu::Transmit) -> Option<batch::Datagram<'t>> {
+        let SocketAddr::V4(destination) = t.destination else {
+            return None;
+        };
+        let source = match self.reply_from(t) {
+            None => None,
+            Some(IpAddr::V4(ip)) => Some(ip),
+            Some(IpAddr::V6(_)) => return None,
+        };
+        self.shared.local_addr.is_ipv4().then_some(batch::Datagram {
+            destination,
+            source,
+            contents: &t.contents,
+        })
     }
 
     /// The address a reply leaves from: the one the peer sent to, as a browser matches

@@ -46,7 +46,7 @@ fn mint(room: &str, identity: &str, extra: &[&str]) -> String {
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    http(addr, "GET", path, "").await
+    get_text(addr, path).await
 }
 
 async fn http(
@@ -55,25 +55,9 @@ async fn http(
     path: &str,
     headers: &str,
 ) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let req = format!("{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n{headers}\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    tokio::time::timeout(REPLY, s.read_to_end(&mut buf))
-        .await
-        .expect("reply in time")
-        .expect("read");
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+    let reply = request(addr, method, path, headers).await;
+    assert_ne!(reply.0, 0, "{method} {path}: no HTTP reply");
+    reply
 }
 
 async fn join_with(c: &mut Client, room: &str, token: Option<&str>) -> Value {

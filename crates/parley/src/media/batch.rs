@@ -23,20 +23,18 @@ pub struct Datagram<'a> {
 #[derive(Clone, Copy)]
 struct Control([u8; 32]);
 
-/// Sends `datagrams` (at most [`MAX`]) on `fd`; returns how many the kernel took, which is
-/// fewer than all when one fails or the socket buffer is full. An error is that of the first
-/// datagram (`WouldBlock` when the buffer is full).
-pub fn send(fd: RawFd, datagrams: &[Datagram<'_>]) -> io::Result<usize> {
-    let n = datagrams.len().min(MAX);
-    if n == 0 {
-        return Ok(0);
-    }
+/// Sends the first [`MAX`] of `datagrams` on `fd`; returns how many the kernel took, which is
+/// fewer than all when one fails or the socket buffer is full (0 for none given). An error is
+/// that of the first datagram (`WouldBlock` when the buffer is full).
+pub fn send<'a>(fd: RawFd, datagrams: impl IntoIterator<Item = Datagram<'a>>) -> io::Result<usize> {
     // SAFETY: plain C structs, for which all-zero bytes are a valid value.
     let mut addrs: [libc::sockaddr_in; MAX] = unsafe { mem::zeroed() };
     let mut iovs: [libc::iovec; MAX] = unsafe { mem::zeroed() };
     let mut controls = [Control([0; 32]); MAX];
     let mut headers: [libc::mmsghdr; MAX] = unsafe { mem::zeroed() };
-    for (i, d) in datagrams.iter().take(n).enumerate() {
+    let mut n = 0;
+    for (i, d) in datagrams.into_iter().take(MAX).enumerate() {
+        n = i + 1;
         addrs[i] = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: d.destination.port().to_be(),
@@ -76,6 +74,9 @@ pub fn send(fd: RawFd, datagrams: &[Datagram<'_>]) -> io::Result<usize> {
                 std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
             }
         }
+    }
+    if n == 0 {
+        return Ok(0);
     }
     // SAFETY: `headers[..n]` point into `addrs`, `iovs`, `controls` and the datagrams'
     // contents, all alive and unmoved for the duration of the call.
@@ -123,13 +124,13 @@ mod tests {
                 }
             })
             .collect();
-        assert_eq!(send(tx.as_raw_fd(), &datagrams).expect("sent"), 3);
+        assert_eq!(send(tx.as_raw_fd(), datagrams).expect("sent"), 3);
         for (r, p) in rx.iter().zip(&payloads) {
             let mut buf = [0u8; 64];
             let (n, from) = r.recv_from(&mut buf).expect("received");
             assert_eq!(&buf[..n], &p[..]);
             assert_eq!(from, SocketAddrV4::new(Ipv4Addr::LOCALHOST, port).into());
         }
-        assert_eq!(send(tx.as_raw_fd(), &[]).expect("nothing to send"), 0);
+        assert_eq!(send(tx.as_raw_fd(), []).expect("nothing to send"), 0);
     }
 }

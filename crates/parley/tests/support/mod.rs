@@ -248,10 +248,16 @@ impl Drop for MediaNode {
 
 /// `GET path` over HTTP/1.0: the status code and the body (0 and "" if nothing answers).
 pub async fn get_text(addr: SocketAddr, path: &str) -> (u16, String) {
+    request(addr, "GET", path, "").await
+}
+
+/// `method path` over HTTP/1.0 with extra header lines (each ending in `\r\n`): the status
+/// code and the body (0 and "" if nothing answers).
+pub async fn request(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
     let Ok(mut s) = TcpStream::connect(addr).await else {
         return (0, String::new());
     };
-    let req = format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+    let req = format!("{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n{headers}\r\n");
     if s.write_all(req.as_bytes()).await.is_err() {
         return (0, String::new());
     }
