@@ -62,6 +62,8 @@ pub(crate) struct Session {
     pub bwe_asked: Option<(u64, u64)>,
     /// When the estimator was last asked to probe for more while starved.
     pub last_probe: Option<Instant>,
+    /// str0m's padding is off: a video to this subscriber is paused for bandwidth.
+    pub padding_off: bool,
 }
 
 pub(crate) struct TrackIn {
@@ -358,6 +360,7 @@ impl Session {
             can_subscribe: true,
             bwe_asked: None,
             last_probe: None,
+            padding_off: false,
         }
     }
 
