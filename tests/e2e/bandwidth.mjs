@@ -1,12 +1,11 @@
-// Low bandwidth: a publisher and a viewer; then everything the SFU sends is squeezed through
-// 150 kbit/s (an htb class on the loopback interface for UDP from the media port). The viewer's
-// bandwidth estimate falls below what the lowest simulcast layer and the audio need: the
-// publisher's tile must say that its video is paused for bandwidth while the audio keeps
-// arriving. With the limit lifted, the label goes and video is decoded again. Needs root (tc);
-// prints how long each step took. The limit is shared by both pages' downlinks, and each page
-// receives the other's audio as Opus with RED (RFC 2198), about 50 kbit/s on the wire: at
-// 100 kbit/s (BW_LIMIT=100kbit) the two audio streams with their RTCP fill the link, and a
-// capture shows about half of the audio packets arriving, with no padding on the link.
+// Low bandwidth: a publisher and a viewer; then everything the SFU sends to the viewer is
+// squeezed through 100 kbit/s (an htb class on the loopback interface for UDP from the media
+// port to the viewer's port). The viewer's bandwidth estimate falls below what the lowest
+// simulcast layer and the audio need: the publisher's tile must say that its video is paused
+// for bandwidth while the audio keeps arriving. With the limit lifted, the label goes and video
+// is decoded again. Needs root (tc); prints how long each step took. Chromium sends its audio as
+// Opus with RED (RFC 2198), about 50 kbit/s on the wire with its RTCP, so the link has room for
+// the audio and not for the lowest video layer next to it.
 //
 //   node tests/e2e/bandwidth.mjs           (PARLEY_BIN, CHROMIUM override the binaries)
 import { execFileSync } from "node:child_process";
@@ -18,19 +17,19 @@ const TOTAL_TIMEOUT_MS = 150000;
 const MEDIA_TIMEOUT_MS = 20000;
 const PAUSE_TIMEOUT_MS = 40000;
 const RESUME_TIMEOUT_MS = 40000;
-const LIMIT = process.env.BW_LIMIT || "150kbit";
+const LIMIT = process.env.BW_LIMIT || "100kbit";
 
 function tc(...args) {
   execFileSync("tc", args, { stdio: ["ignore", "ignore", "pipe"] });
 }
 
-/** Shapes UDP sent from `port` on the loopback interface; the rest of lo is untouched. */
-function limitFrom(port) {
+/** Shapes UDP sent from `port` to `toPort` on the loopback interface; the rest of lo is untouched. */
+function limit(port, toPort) {
   // htb passes unclassified traffic unshaped; the class holds half a second of queue.
   tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "0");
   tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:10", "htb", "rate", LIMIT, "ceil", LIMIT);
   tc("qdisc", "add", "dev", "lo", "parent", "1:10", "handle", "10:", "bfifo", "limit", "6000");
-  tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip", "protocol", "17", "0xff", "match", "ip", "sport", String(port), "0xffff", "flowid", "1:10");
+  tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip", "protocol", "17", "0xff", "match", "ip", "sport", String(port), "0xffff", "match", "ip", "dport", String(toPort), "0xffff", "flowid", "1:10");
 }
 
 function unlimit() {
@@ -60,6 +59,20 @@ async function fromPublisher(pid) {
     });
   }
   return r;
+}
+
+/** In a page: the local UDP port of the selected ICE candidate pair. */
+async function localMediaPort() {
+  const stats = await window.parley.client.pc.getStats();
+  let port = null;
+  stats.forEach((s) => {
+    if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded") {
+      const local = stats.get(s.localCandidateId);
+      if (local && local.protocol === "udp") port = local.port;
+    }
+  });
+  if (!port) throw new Error("no selected UDP candidate pair");
+  return port;
 }
 
 let server = null;
@@ -102,9 +115,10 @@ await runTest("bandwidth", {
     );
     log(`viewer decodes: ${JSON.stringify(s)}`);
 
-    limitFrom(server.rtcPort);
+    const viewerPort = await pages.View.evaluate(localMediaPort);
+    limit(server.rtcPort, viewerPort);
     const limitedAt = Date.now();
-    log(`UDP from the media port limited to ${LIMIT}`);
+    log(`UDP from the media port to the viewer (port ${viewerPort}) limited to ${LIMIT}`);
     await waitFor(
       async () => {
         s = await pages.View.evaluate(fromPublisher, pubId);
