@@ -88,8 +88,6 @@ const LAYER_ALIVE: Duration = Duration::from_millis(1000);
 const STARVED_PROBE_EVERY: Duration = Duration::from_secs(4);
 /// How often a session with no video, otherwise idle, lets str0m's bandwidth estimator run.
 const NO_VIDEO_BWE_EVERY: Duration = Duration::from_millis(250);
-/// str0m's padding target while media flows (its default, restored after a starved spell).
-const PADDING_TARGET: u64 = 50_000;
 /// Assumed need of one forwarded audio track when sharing a subscriber's bandwidth.
 const AUDIO_BITRATE: u64 = 50_000;
 
@@ -844,7 +842,7 @@ impl Sfu {
             }
         }
         if unconstrained > 0 {
-            // No sustained padding (str0m keeps its own 50 kbit/s while media flows): padding
+            // No sustained padding (str0m's own 50 kbit/s is off, see `Session::new`): padding
             // up to the forwarded video filled every gap between frames with tiny packets, a
             // timer and a send each, and added nothing the estimate needed. Probing goes
             // towards what the subscriber would like, in coarse steps so it is not asked for
@@ -855,14 +853,6 @@ impl Sfu {
                 .tracks_out
                 .iter()
                 .any(|t| t.paused == Some(Pause::Bandwidth));
-            if starved != sub.padding_off {
-                // str0m pads up to 50 kbit/s whenever media is sent with transport-cc. On a
-                // link that only carries the audio, that padding is what cuts the audio; the
-                // probes below find out when the link comes back.
-                sub.padding_off = starved;
-                let target = if starved { 0 } else { PADDING_TARGET };
-                sub.rtc.bwe().set_padding_target(Bitrate::from(target));
-            }
             if starved {
                 // On a link too thin for any video, probing all the time would crowd out the
                 // audio: probe for the lowest video layer only every few seconds.

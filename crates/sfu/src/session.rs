@@ -62,8 +62,6 @@ pub(crate) struct Session {
     pub bwe_asked: Option<(u64, u64)>,
     /// When the estimator was last asked to probe for more while starved.
     pub last_probe: Option<Instant>,
-    /// str0m's padding is off: a video to this subscriber is paused for bandwidth.
-    pub padding_off: bool,
 }
 
 pub(crate) struct TrackIn {
@@ -325,7 +323,7 @@ pub(crate) struct Incoming<'a> {
 
 impl Session {
     pub fn new(id: SessionId, room: String, stream_id: String, now: Instant) -> Self {
-        let rtc = Rtc::builder()
+        let mut rtc = Rtc::builder()
             .set_ice_lite(true)
             .set_rtp_mode(true)
             .clear_codecs()
@@ -337,6 +335,12 @@ impl Session {
             .enable_bwe(Some(Bitrate::kbps(2_500)))
             .set_stats_interval(Some(Duration::from_secs(5)))
             .build(now);
+        // No automatic padding (str0m pads up to 50 kbit/s whenever it sends media with
+        // transport-cc, patched in vendor/str0m). On a link with room for the audio alone, that
+        // padding is what cut the audio; where the estimate is wanted, the SFU asks for probes
+        // towards what the subscriber would receive (`Sfu::select`). Without padding, str0m's
+        // pacer also stops asking for a timeout after each packet it sends.
+        rtc.bwe().set_padding_target(Bitrate::ZERO);
         Session {
             id,
             room,
@@ -360,7 +364,6 @@ impl Session {
             can_subscribe: true,
             bwe_asked: None,
             last_probe: None,
-            padding_off: false,
         }
     }
 
