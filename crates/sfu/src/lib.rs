@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use parley_proto::media::{MediaCommand, MediaEvent, SessionId, TrackSource};
 use str0m::bwe::Bitrate;
+use str0m::crypto::dtls::DtlsCert;
 use str0m::format::Codec;
 use str0m::ice::StunMessage;
 use str0m::media::{KeyframeRequestKind, MediaKind, Mid, Rid};
@@ -71,6 +72,9 @@ pub struct Sfu {
     next_tick: Option<Instant>,
     stats: SfuStats,
     samples: Vec<Sample>,
+    /// One DTLS certificate for every session (its fingerprint goes in every answer), made
+    /// once: a certificate per session cost a key generation at each join.
+    dtls_cert: Option<DtlsCert>,
 }
 
 /// What a participant's access token allows.
@@ -111,6 +115,9 @@ impl Sfu {
             next_tick: None,
             stats: SfuStats::default(),
             samples: Vec::new(),
+            dtls_cert: str0m::crypto::from_feature_flags()
+                .dtls_provider
+                .generate_certificate(),
         }
     }
 
@@ -341,7 +348,8 @@ impl Sfu {
         };
 
         if !self.sessions.contains_key(&sid) {
-            let mut session = Session::new(sid, room.clone(), stream_id, now);
+            let mut session =
+                Session::new(sid, room.clone(), stream_id, self.dtls_cert.as_ref(), now);
             session.can_publish = grants.publish;
             session.can_subscribe = grants.subscribe;
             for addr in &self.config.candidates {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use parley_proto::media::{MediaEvent, SessionId, TrackSource};
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::crypto::dtls::DtlsCert;
 use str0m::format::PayloadParams;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid};
 use str0m::rtp::{ExtensionValues, RedDecoder, RtpPacket, RtpWrite, Vp8Descriptor};
@@ -322,8 +323,18 @@ pub(crate) struct Incoming<'a> {
 }
 
 impl Session {
-    pub fn new(id: SessionId, room: String, stream_id: String, now: Instant) -> Self {
-        let mut rtc = Rtc::builder()
+    pub fn new(
+        id: SessionId,
+        room: String,
+        stream_id: String,
+        cert: Option<&DtlsCert>,
+        now: Instant,
+    ) -> Self {
+        let mut config = Rtc::builder();
+        if let Some(cert) = cert {
+            config = config.set_dtls_cert(cert.clone());
+        }
+        let mut rtc = config
             .set_ice_lite(true)
             .set_rtp_mode(true)
             .clear_codecs()
