@@ -6,7 +6,7 @@
 //
 //   node tests/e2e/diag.mjs               (PARLEY_BIN, CHROMIUM override the binaries)
 import { join } from "node:path";
-import { CHROMIUM_ARGS, closeAll, freeUdpPort, launchChromium, log, repoRoot, reportFailure, runTest, startCoturn, startServer } from "./harness.mjs";
+import { CHROMIUM_ARGS, closeAll, freeMediaPort, launchChromium, log, repoRoot, reportFailure, runTest, startCoturn, startServer } from "./harness.mjs";
 
 const SECRET = "turn-shared-secret-for-e2e";
 let server = null;
@@ -60,10 +60,10 @@ function checkCommon(label, d) {
 await runTest("diag", {
   timeoutMs: 120000,
   async body() {
-    const turnPort = await freeUdpPort();
+    const turnPort = await freeMediaPort();
     coturn = await startCoturn({ port: turnPort, secret: SECRET });
-    const stunPort = await freeUdpPort();
-    const stunAltPort = await freeUdpPort();
+    const stunPort = await freeMediaPort();
+    const stunAltPort = await freeMediaPort();
     server = await startServer({
       extraArgs: [
         "--turn-server", `turn:127.0.0.1:${turnPort}?transport=udp`, "--turn-secret", SECRET,

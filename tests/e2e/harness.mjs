@@ -51,6 +51,27 @@ export function freeUdpPort() {
   });
 }
 
+/** Whether a TCP listener can take `port` on every address. */
+function tcpPortFree(port) {
+  return new Promise((res) => {
+    const s = createTcpServer();
+    s.once("error", () => res(false));
+    s.listen(port, () => s.close(() => res(true)));
+  });
+}
+
+/**
+ * A port free for UDP and for TCP: the media port also takes ICE-TCP, and coturn listens on both.
+ * A free UDP port can be some TCP connection's ephemeral port (it failed a CI run once).
+ */
+export async function freeMediaPort() {
+  for (let i = 0; i < 50; i++) {
+    const port = await freeUdpPort();
+    if (await tcpPortFree(port)) return port;
+  }
+  throw new Error("no port free for both UDP and TCP");
+}
+
 /** Starts `parley serve` on free ports and waits for /healthz. */
 export async function startServer({ logFile = join(repoRoot, "tests/e2e/server.log"), timeoutMs = 20000, extraArgs = [], scheme = "http", publicIp = "127.0.0.1", httpBind = "127.0.0.1" } = {}) {
   const bin = resolve(repoRoot, process.env.PARLEY_BIN || "target/release/parley");
@@ -58,7 +79,7 @@ export async function startServer({ logFile = join(repoRoot, "tests/e2e/server.l
     throw new Error(`server binary not found at ${bin}: build it (cargo build --release) or set PARLEY_BIN`);
   }
   const httpPort = await freeTcpPort();
-  const rtcPort = await freeUdpPort();
+  const rtcPort = await freeMediaPort();
   const args = ["serve", "--http", `${httpBind}:${httpPort}`, "--rtc-port", String(rtcPort), ...(publicIp ? ["--public-ip", publicIp] : []), ...extraArgs];
   log(`starting ${bin} ${args.join(" ")} (log: ${logFile})`);
   const out = createWriteStream(logFile);
@@ -387,7 +408,7 @@ export function selectedPath() {
 export async function startMediaNode({ signalingHttpPort, secret, id, logFile = join(repoRoot, `tests/e2e/media-${id}.log`), timeoutMs = 20000 }) {
   const bin = resolve(repoRoot, process.env.PARLEY_BIN || "target/release/parley");
   const httpPort = await freeTcpPort();
-  const rtcPort = await freeUdpPort();
+  const rtcPort = await freeMediaPort();
   const args = [
     "media", "--signaling-url", `ws://127.0.0.1:${signalingHttpPort}/media-node`, "--node-secret", secret,
     "--node-id", id, "--http", `127.0.0.1:${httpPort}`, "--rtc-port", String(rtcPort), "--rtc-bind", "127.0.0.1",

@@ -6,7 +6,7 @@
 import { spawnSync } from "node:child_process";
 import { createHmac } from "node:crypto";
 import { join } from "node:path";
-import { closeAll, freeUdpPort, launchChromium, log, repoRoot, reportFailure, runTest, startCoturn, startServer, waitFor, selectedPath } from "./harness.mjs";
+import { closeAll, freeMediaPort, launchChromium, log, repoRoot, reportFailure, runTest, startCoturn, startServer, waitFor, selectedPath } from "./harness.mjs";
 
 const SECRET = "turn-shared-secret-for-e2e";
 let server = null;
@@ -30,7 +30,7 @@ function allocates(port, username, password) {
 await runTest("turn", {
   timeoutMs: 90000,
   async body() {
-    const port = await freeUdpPort();
+    const port = await freeMediaPort();
     coturn = await startCoturn({ port, secret: SECRET });
     server = await startServer({
       extraArgs: ["--turn-server", `turn:127.0.0.1:${port}?transport=udp`, "--turn-secret", SECRET],

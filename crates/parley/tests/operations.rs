@@ -454,7 +454,7 @@ async fn a_call_moved_to_the_sfu_admits_its_two_users_only() {
 fn serve_log(args: &[&str]) -> String {
     use std::io::BufRead;
     let http = format!("127.0.0.1:{}", free_tcp_port());
-    let rtc = free_udp_port().to_string();
+    let rtc = free_media_port().to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
         .args(["serve", "--http", &http, "--rtc-port", &rtc])
         .args(args)
@@ -495,7 +495,7 @@ fn serve_log(args: &[&str]) -> String {
 
 #[test]
 fn the_public_address_is_learnt_from_stun_unless_configured() {
-    let stun_port = free_udp_port();
+    let stun_port = free_media_port();
     let listen = format!("127.0.0.1:{stun_port}");
     let mut stun = Command::new(env!("CARGO_BIN_EXE_parley"))
         .args([
@@ -505,7 +505,7 @@ fn the_public_address_is_learnt_from_stun_unless_configured() {
             "--alternate-ip",
             "127.0.0.2",
         ])
-        .args(["--alternate-port", &free_udp_port().to_string()])
+        .args(["--alternate-port", &free_media_port().to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -523,18 +523,18 @@ fn the_public_address_is_learnt_from_stun_unless_configured() {
     let _ = stun.kill();
     let _ = stun.wait();
     // Nobody answers: a clear line, and the host's own addresses.
-    let silent = format!("stun:127.0.0.1:{}", free_udp_port());
+    let silent = format!("stun:127.0.0.1:{}", free_media_port());
     let log = serve_log(&["--stun-server", &silent]);
     assert!(log.contains("no STUN server answered"), "{log}");
 }
 
 #[test]
 fn serve_runs_the_rfc5780_stun_server_that_nat_check_uses() {
-    let stun_port = free_udp_port();
+    let stun_port = free_media_port();
     let listen = format!("127.0.0.1:{stun_port}");
-    let alt_port = free_udp_port().to_string();
+    let alt_port = free_media_port().to_string();
     let http = format!("127.0.0.1:{}", free_tcp_port());
-    let rtc = free_udp_port().to_string();
+    let rtc = free_media_port().to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
         .args([
             "serve",

@@ -26,7 +26,7 @@ pub struct Server {
 impl Server {
     pub async fn start(extra: &[&str]) -> Server {
         let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
-        let rtc_port = free_udp_port().to_string();
+        let rtc_port = free_media_port().to_string();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
         cmd.args(["serve", "--http", &http.to_string()])
             .args(["--rtc-port", &rtc_port, "--public-ip", "127.0.0.1"])
@@ -83,9 +83,17 @@ pub fn free_tcp_port() -> u16 {
     l.local_addr().expect("local address").port()
 }
 
-pub fn free_udp_port() -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
-    s.local_addr().expect("local address").port()
+/// A port free for UDP and for TCP on every address: the media port also takes ICE-TCP. (A
+/// free UDP port can be some TCP connection's ephemeral port.)
+pub fn free_media_port() -> u16 {
+    for _ in 0..50 {
+        let s = UdpSocket::bind("127.0.0.1:0").expect("bind a UDP port");
+        let port = s.local_addr().expect("local address").port();
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both UDP and TCP");
 }
 
 pub async fn healthz(addr: SocketAddr) -> bool {
@@ -215,7 +223,7 @@ impl MediaNode {
     /// Starts a media node on free loopback ports that connects to `signaling`'s /media-node.
     pub fn spawn(signaling: SocketAddr, secret: &str, id: &str) -> MediaNode {
         let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
-        let rtc_port = free_udp_port().to_string();
+        let rtc_port = free_media_port().to_string();
         let url = format!("ws://{signaling}/media-node");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
         cmd.args([
