@@ -1461,6 +1461,12 @@ impl Session {
         self.configure_pacer();
     }
 
+    /// PATCH(parley): the pacing rate as a multiple of the estimate, see `Bwe::set_pacing_factor`.
+    pub fn set_pacing_factor(&mut self, factor: f64) {
+        self.pacer_control.set_pacing_factor(factor);
+        self.configure_pacer();
+    }
+
     fn has_active_outgoing_media(&self) -> bool {
         // Direct API media has no SDP remote payload list, so Media::disabled()
         // is not an availability check here. Use the same negotiated/configured

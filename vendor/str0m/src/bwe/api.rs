@@ -106,6 +106,19 @@ impl<'a> Bwe<'a> {
         m.no_events();
     }
 
+    /// Set the pacing rate as a multiple of the estimate (1.1 unless set).
+    ///
+    /// The pacer spreads what is sent over time at this multiple of the bandwidth estimate. An
+    /// SFU forwards media that its sender already paced; at 1.1 every keyframe waits in the
+    /// queue for as long as it takes at the estimate (libwebrtc paces video at 2.5).
+    ///
+    /// PATCH(parley): not in upstream str0m 0.25, where the factor is a constant.
+    pub fn set_pacing_factor(&mut self, factor: f64) {
+        let mut m = self.0.mutate();
+        m.session.set_pacing_factor(factor);
+        m.no_events();
+    }
+
     /// Reset the BWE with a new init_bitrate
     ///
     /// This discards the current estimator state and starts estimation again

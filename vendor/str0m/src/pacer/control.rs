@@ -22,13 +22,21 @@ pub(crate) struct PacerControl {
     /// The automatic padding target while media is active (PATCH(parley): was the constant
     /// `PADDING_TARGET`, now settable per session through `Bwe::set_padding_target`).
     padding_target: Bitrate,
+    /// The pacing rate as a multiple of the estimate (PATCH(parley): was the constant
+    /// `PACING_FACTOR`, settable through `Bwe::set_pacing_factor`).
+    pacing_factor: f64,
 }
 
 impl PacerControl {
     pub fn new() -> Self {
         Self {
             padding_target: PADDING_TARGET,
+            pacing_factor: PACING_FACTOR,
         }
+    }
+
+    pub fn set_pacing_factor(&mut self, factor: f64) {
+        self.pacing_factor = factor;
     }
 
     pub fn set_padding_target(&mut self, target: Bitrate) {
@@ -57,7 +65,7 @@ impl PacerControl {
         // Set pacing rate to smooth out media transmission (burst avoidance).
         // Must be at least the current BWE estimate * factor, but also high enough
         // to allow the padding we want to send.
-        let min_pacing_rate = estimate * PACING_FACTOR;
+        let min_pacing_rate = estimate * self.pacing_factor;
         let pacing_rate = min_pacing_rate.max(padding_rate);
 
         PacingResult {
