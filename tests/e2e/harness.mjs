@@ -62,7 +62,7 @@ function tcpPortFree(port) {
 
 /**
  * A port free for UDP and for TCP: the media port also takes ICE-TCP, and coturn listens on both.
- * A free UDP port can be some TCP connection's ephemeral port (it failed a CI run once).
+ * A free UDP port can be some TCP connection's ephemeral port (it failed a test run once).
  */
 export async function freeMediaPort() {
   for (let i = 0; i < 50; i++) {

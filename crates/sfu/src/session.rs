@@ -324,8 +324,8 @@ pub(crate) struct Incoming<'a> {
 
 /// The pacing rate as a multiple of the estimate: libwebrtc's for video. At str0m's default of
 /// 1.1 each keyframe of a forwarded share (already paced by its sender) queued for as long as it
-/// takes at the estimate: one-way delay p99 of 360-450 ms for 29 viewers of a 1.6 Mbit/s share
-/// on loopback, 156-235 ms at 2.5. At 5 the simulated recovery after a bandwidth drop took
+/// takes at the estimate (one-way delay p99 of 360-450 ms for 29 viewers of a share on loopback,
+/// 156-235 ms at 2.5; bench/RESULTS.md). At 5 the simulated recovery after a bandwidth drop took
 /// 12.7 s (6.3 s at 2.5, 4.5 s at 1.1).
 const PACING_FACTOR: f64 = 2.5;
 
@@ -357,7 +357,7 @@ impl Session {
         // transport-cc, patched in vendor/str0m). On a link with room for the audio alone, that
         // padding is what cut the audio; where the estimate is wanted, the SFU asks for probes
         // towards what the subscriber would receive (`Sfu::select`). Without padding, str0m's
-        // pacer also stops asking for a timeout after each packet it sends.
+        // pacer also stops asking for a timeout after the last queued audio packet.
         rtc.bwe().set_padding_target(Bitrate::ZERO);
         rtc.bwe().set_pacing_factor(PACING_FACTOR);
         Session {

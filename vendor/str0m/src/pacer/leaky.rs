@@ -472,10 +472,10 @@ impl LeakyBucketPacer {
         })
     }
 
-    /// Whether anything may follow the packet being polled now from `polled`: more queued
-    /// packets, padding, a probe, or paced media (whose timing feeds the estimator: skipping
-    /// the timeout after the last packet of a video frame slowed a simulated recovery from
-    /// 4.5 s to 8.4 s, so only unpaced media, audio, is let off).
+    /// PATCH(parley): whether anything may follow the packet being polled now from `polled`:
+    /// more queued packets, padding, a probe, or paced media (whose timing feeds the
+    /// estimator: skipping the timeout after the last packet of a video frame slowed a
+    /// simulated recovery from 4.5 s to 8.4 s, so only unpaced media, audio, is let off).
     fn more_to_send(&self, polled: MidRid) -> bool {
         if !self.probe_queue.is_empty() || self.padding_bitrate > Bitrate::ZERO {
             return true;

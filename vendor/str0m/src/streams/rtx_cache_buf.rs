@@ -80,7 +80,7 @@ impl<T> EvictingBuffer<T> {
     ///
     /// Position is an increasing sequence number. The sequence can be out of order.
     pub fn push(&mut self, position: u64, timestamp: Instant, value: T) {
-        if self.buf.is_empty() && self.initial_size > 0 {
+        if self.buf.is_empty() && self.initial_size > 0 && !self.max_age.is_zero() {
             self.buf = prepare_buf(self.initial_size);
         }
         if self.is_inert() {
