@@ -17,6 +17,8 @@ pub const REPLY: Duration = Duration::from_secs(5);
 /// How long a whole test may take.
 pub const TEST: Duration = Duration::from_secs(60);
 
+static START_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// A running `parley serve`, killed on drop.
 pub struct Server {
     pub child: Child,
@@ -24,34 +26,56 @@ pub struct Server {
 }
 
 impl Server {
+    /// Starts `parley serve` on fresh ports. Tests run in parallel, so a port found free can be
+    /// taken (by another server or as some connection's ephemeral port) before this server binds
+    /// it; such a start is retried on new ports. Any other early exit fails with the server's log.
     pub async fn start(extra: &[&str]) -> Server {
-        let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
-        let rtc_port = free_media_port().to_string();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
-        cmd.args(["serve", "--http", &http.to_string()])
-            .args(["--rtc-port", &rtc_port, "--public-ip", "127.0.0.1"])
-            .args(extra)
-            .env_remove("PARLEY_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        // Set PARLEY_TEST_LOG=1 to see the server's log.
-        if std::env::var_os("PARLEY_TEST_LOG").is_none() {
-            cmd.stderr(Stdio::null());
+        let log_path = std::env::temp_dir().join(format!(
+            "parley-test-{}-{}.log",
+            std::process::id(),
+            START_COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        for attempt in 1.. {
+            let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+            let rtc_port = free_media_port().to_string();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
+            cmd.args(["serve", "--http", &http.to_string()])
+                .args(["--rtc-port", &rtc_port, "--public-ip", "127.0.0.1"])
+                .args(extra)
+                .env_remove("PARLEY_CONFIG")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null());
+            // Set PARLEY_TEST_LOG=1 to see the server's log.
+            let logged = std::env::var_os("PARLEY_TEST_LOG").is_some();
+            if !logged {
+                let file = std::fs::File::create(&log_path).expect("create the server log");
+                cmd.stderr(file);
+            }
+            let child = cmd.spawn().expect("the parley binary starts");
+            let mut server = Server { child, http };
+            match server.wait_healthy().await {
+                Ok(()) => return server,
+                Err(status) => {
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    if attempt < 5 && log.to_ascii_lowercase().contains("address already in use") {
+                        continue;
+                    }
+                    panic!("parley exited before it was ready: {status}\n{log}");
+                }
+            }
         }
-        let child = cmd.spawn().expect("the parley binary starts");
-        let mut server = Server { child, http };
-        server.wait_healthy().await;
-        server
+        unreachable!()
     }
 
-    pub async fn wait_healthy(&mut self) {
+    /// Waits for `/healthz`; the exit status if the server stopped first.
+    pub async fn wait_healthy(&mut self) -> Result<(), std::process::ExitStatus> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().expect("child status") {
-                panic!("parley exited before it was ready: {status}");
+                return Err(status);
             }
             if healthz(self.http).await {
-                return;
+                return Ok(());
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
