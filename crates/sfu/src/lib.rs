@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use parley_proto::media::{MediaCommand, MediaEvent, SessionId, TrackSource};
+use str0m::Input;
 use str0m::bwe::Bitrate;
 use str0m::crypto::dtls::DtlsCert;
 use str0m::format::Codec;
@@ -31,7 +32,6 @@ use str0m::ice::StunMessage;
 use str0m::media::{KeyframeRequestKind, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::Vp8Descriptor;
-use str0m::{Input, Reason};
 
 use alloc::{Choice, Demand, LayerInfo};
 use session::{Incoming, Pause, Session, TrackOut};
@@ -90,8 +90,6 @@ const TICK: Duration = Duration::from_millis(200);
 const LAYER_ALIVE: Duration = Duration::from_millis(1000);
 /// How often a subscriber whose videos are all paused for bandwidth is probed for more.
 const STARVED_PROBE_EVERY: Duration = Duration::from_secs(4);
-/// How often a session with no video, otherwise idle, lets str0m's bandwidth estimator run.
-const NO_VIDEO_BWE_EVERY: Duration = Duration::from_millis(250);
 /// Assumed need of one forwarded audio track when sharing a subscriber's bandwidth.
 const AUDIO_BITRATE: u64 = 50_000;
 
@@ -516,16 +514,7 @@ impl Sfu {
                 &mut self.stats,
                 &mut self.samples,
             );
-            let mut timeout = out.timeout;
-            if session.rtc.last_timeout_reason() == Reason::BweDelayControl && !session.has_video()
-            {
-                // str0m's delay controller asks for a turn every 25 ms even with nothing to
-                // estimate; with no video either way no estimate is used, so an otherwise
-                // idle session wakes for it a few times a second instead of forty. Its other
-                // timers (RTCP reports, ICE, stats) are a second or more apart, and whatever
-                // is due runs anyway whenever a packet drives the session.
-                timeout = timeout.max(now + NO_VIDEO_BWE_EVERY);
-            }
+            let timeout = out.timeout;
             if session.next_timeout != timeout {
                 session.next_timeout = timeout;
                 self.timers.push(Reverse((timeout, sid)));
@@ -665,7 +654,7 @@ impl Sfu {
             let Some(sub) = self.sessions.get_mut(m) else {
                 continue;
             };
-            if sub.write(&incoming, now, &mut self.stats) {
+            if sub.write(&incoming, now, &mut self.stats, &mut self.transmits) {
                 queue(&mut self.to_drive, sub);
             }
             if !sub.keyframes_wanted.is_empty() {

@@ -35,6 +35,8 @@ pub(crate) struct Session {
     pub next_timeout: Instant,
     /// Waiting in the SFU's queue of sessions to poll.
     pub queued: bool,
+    /// Whether str0m's bandwidth estimator is paused (no video to this participant).
+    estimator_paused: bool,
     /// Tracks this participant publishes.
     pub tracks_in: Vec<TrackIn>,
     /// Other participants' tracks forwarded to this one.
@@ -383,16 +385,22 @@ impl Session {
             can_subscribe: true,
             bwe_asked: None,
             last_probe: None,
+            estimator_paused: false,
         }
     }
 
-    /// Whether video flows to or from this participant (a bandwidth estimate matters).
-    pub fn has_video(&self) -> bool {
-        self.tracks_in.iter().any(|t| t.kind == MediaKind::Video)
-            || self
-                .tracks_out
-                .iter()
-                .any(|t| t.kind == MediaKind::Video && t.is_open())
+    /// Runs str0m's bandwidth estimator only while video flows to this participant: the
+    /// estimate chooses video layers, and with audio alone the estimator's work on each
+    /// transport-wide feedback costs more than forwarding the packets it reports on.
+    fn pause_estimator_without_video(&mut self) {
+        let video_out = self
+            .tracks_out
+            .iter()
+            .any(|t| t.kind == MediaKind::Video && t.is_open());
+        if self.estimator_paused == video_out {
+            self.estimator_paused = !video_out;
+            self.rtc.bwe().set_paused(!video_out);
+        }
     }
 
     pub fn ufrag(&mut self) -> String {
@@ -567,6 +575,7 @@ impl Session {
         samples: &mut Vec<Sample>,
     ) -> PollOut {
         self.maybe_negotiate(events);
+        self.pause_estimator_without_video();
         self.send_deferred_keyframes(now, crate::KEYFRAME_THROTTLE);
         let mut out = PollOut {
             timeout: now + Duration::from_secs(1),
@@ -741,8 +750,15 @@ impl Session {
     }
 
     /// Writes a packet to this subscriber if it receives that track and layer; switches layer
-    /// at a keyframe of the target layer. Returns whether anything was written.
-    pub fn write(&mut self, inc: &Incoming<'_>, now: Instant, stats: &mut SfuStats) -> bool {
+    /// at a keyframe of the target layer. Audio that can leave at once goes straight to
+    /// `transmits`. Returns whether a packet was queued, so that the session must be polled.
+    pub fn write(
+        &mut self,
+        inc: &Incoming<'_>,
+        now: Instant,
+        stats: &mut SfuStats,
+        transmits: &mut VecDeque<Transmit>,
+    ) -> bool {
         if !self.connected {
             return false;
         }
@@ -839,7 +855,26 @@ impl Session {
                 Err(err) => tracing::debug!(%err, "vp8 patch refused"),
             }
         }
+        let k = if t.kind == MediaKind::Audio {
+            AUDIO
+        } else {
+            VIDEO
+        };
         let mut api = self.rtc.direct_api();
+        if t.kind == MediaKind::Audio {
+            // Audio is not paced: when nothing waits ahead of it, str0m encrypts it here
+            // instead of in a turn of the whole session (timeout, pacer, poll) per packet.
+            match api.send_rtp_now(mid, write, now) {
+                Ok(sent) => {
+                    stats.rtp_out_packets[k] += 1;
+                    stats.rtp_out_bytes[k] += pkt.payload.len() as u64;
+                    let queued = sent.is_none();
+                    transmits.extend(sent);
+                    return queued;
+                }
+                Err(back) => write = back,
+            }
+        }
         let Some(tx) = api.stream_tx_by_mid(mid, None) else {
             return false;
         };
@@ -856,11 +891,6 @@ impl Session {
                 .push((inc.publisher, inc.mid, t.target.flatten()));
             return false;
         }
-        let k = if t.kind == MediaKind::Audio {
-            AUDIO
-        } else {
-            VIDEO
-        };
         stats.rtp_out_packets[k] += 1;
         stats.rtp_out_bytes[k] += pkt.payload.len() as u64;
         tx.write_rtp(write);

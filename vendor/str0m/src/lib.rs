@@ -2035,8 +2035,28 @@ impl Rtc {
         match input {
             Input::Timeout(now) => self.do_handle_timeout(now)?,
             Input::Receive(recv_time, r) => {
+                // PATCH(parley): after an RTP or RTCP packet, the whole timeout pass runs only
+                // if something was due already, or if the bandwidth estimator runs: its
+                // smoothed estimate averages what each pass shows it, so how fast it follows
+                // the link depends on how often the pass runs. What the packet itself makes due
+                // shows in the next poll_output's timeout, which the caller handles as any
+                // other. Upstream runs the pass (every stream, the pacer, the estimator) after
+                // every packet.
+                let media = matches!(
+                    r.contents.inner,
+                    DatagramRecvInner::Rtp(_) | DatagramRecvInner::Rtcp(_)
+                );
+                let due = !media
+                    || self.session.estimating()
+                    || self.readiness.wants_timeout()
+                    || self.need_init_time
+                    || recv_time >= self.cached_timeout;
                 self.do_handle_receive(recv_time, r)?;
-                self.do_handle_timeout(recv_time)?;
+                if due {
+                    self.do_handle_timeout(recv_time)?;
+                } else if recv_time > self.last_now {
+                    self.last_now = recv_time;
+                }
             }
         }
         Ok(())

@@ -34,11 +34,11 @@ use crate::rtp_::SeqNo;
 use crate::rtp_::SeqNoWindow;
 use crate::rtp_::{Bitrate, ExtensionMap, Goodbye, Mid, ReportList, Rtcp, RtcpFb};
 use crate::rtp_::{Dlrr, DlrrItem, ExtendedReport, ReportBlock};
-use crate::rtp_::{RtpHeader, SessionId, TwccPacketId, extend_u16};
+use crate::rtp_::{RtpHeader, SessionId, TwccClusterId, TwccPacketId, extend_u16};
 use crate::rtp_::{SrtpContext, Ssrc};
 use crate::rtp_::{TwccRecvRegister, TwccSendRegister};
 use crate::stats::StatsSnapshot;
-use crate::streams::{RtpPacket, StreamTimeoutConfig, Streams};
+use crate::streams::{RtpPacket, RtpWrite, StreamTimeoutConfig, Streams};
 use crate::util::{Soonest, SystemTimeExt, already_happened, not_happening};
 use crate::{Reason, net};
 use crate::{RtcConfig, RtcError};
@@ -105,6 +105,9 @@ pub(crate) struct Session {
     /// A pacer for sending RTP at specific rate.
     pacer: PacerImpl,
     pacer_control: PacerControl,
+
+    /// PATCH(parley): see `Bwe::set_paused`.
+    bwe_paused: bool,
 
     // temporary buffer when getting the next (unencrypted) RTP packet from Media line.
     poll_packet_buf: Vec<u8>,
@@ -207,6 +210,7 @@ impl Session {
             enable_twcc_feedback: false,
             pacer,
             pacer_control: PacerControl::new(),
+            bwe_paused: false,
             poll_packet_buf: vec![0; 2000],
             pending_packet: None,
             media_bytes_rx: 0,
@@ -353,6 +357,10 @@ impl Session {
 
     fn handle_timeout_bwe(&mut self, now: Instant) -> Option<(Mid, Pt)> {
         self.bwe.as_ref()?;
+        // PATCH(parley): a paused estimator neither runs nor probes.
+        if self.bwe_paused {
+            return None;
+        }
 
         // We can request probes once SRTP keys are available and a non-stopped,
         // sending media section has both a transport sequence extension and a
@@ -944,7 +952,10 @@ impl Session {
                 let maybe_records = self.twcc_tx_register.apply_report(twcc, now);
 
                 if let (Some(maybe_records), Some(bwe)) = (maybe_records, &mut self.bwe) {
-                    bwe.update(maybe_records, now);
+                    // PATCH(parley): a paused estimator is not fed.
+                    if !self.bwe_paused {
+                        bwe.update(maybe_records, now);
+                    }
                 }
                 need_configure_pacer = true;
 
@@ -1229,11 +1240,45 @@ impl Session {
     }
 
     fn poll_packet(&mut self, now: Instant) -> Option<DatagramSend> {
-        let srtp_tx = self.srtp_tx.as_mut()?;
+        self.srtp_tx.as_ref()?;
 
         // Figure out which, if any, queue to poll
         // The cluster_id is captured by the pacer at poll time, before register_send() might clear it
         let (midrid, cluster_id) = self.pacer.poll_queue()?;
+        self.poll_packet_of(now, midrid, cluster_id)
+    }
+
+    /// PATCH(parley): writes `rtp` to the unpaced stream `midrid` and returns it encrypted at
+    /// once, as the pacer would at its next turn, when nothing else is queued on the stream and
+    /// no probe is running. Otherwise hands `rtp` back, unwritten. `Ok(None)`: written, but it
+    /// leaves through the pacer after all (the caller must then arm a re-poll).
+    pub(crate) fn send_unpaced_now(
+        &mut self,
+        now: Instant,
+        midrid: MidRid,
+        rtp: RtpWrite,
+    ) -> Result<Option<DatagramSend>, RtpWrite> {
+        if self.rtp_closing || self.srtp_tx.is_none() || self.pacer.active_cluster().is_some() {
+            return Err(rtp);
+        }
+        let Some(stream) = self.streams.stream_tx_by_midrid(midrid) else {
+            return Err(rtp);
+        };
+        if !stream.can_send_now() {
+            return Err(rtp);
+        }
+        stream.write_rtp(rtp);
+        stream.stamp_queue(now);
+        Ok(self.poll_packet_of(now, midrid, None))
+    }
+
+    fn poll_packet_of(
+        &mut self,
+        now: Instant,
+        midrid: MidRid,
+        cluster_id: Option<TwccClusterId>,
+    ) -> Option<DatagramSend> {
+        let srtp_tx = self.srtp_tx.as_mut()?;
         let stream = self.streams.stream_tx_by_midrid(midrid)?;
         let Some(media) = self.medias.iter().find(|m| m.mid() == stream.mid()) else {
             trace!("Pacer pointed to mid {} which has no media", midrid.mid());
@@ -1326,6 +1371,8 @@ impl Session {
         let bwe_at = self
             .bwe
             .as_ref()
+            // PATCH(parley): a paused estimator has no timer.
+            .filter(|_| !self.bwe_paused)
             .map(|bwe| bwe.poll_timeout())
             // We should never see this reason.
             .unwrap_or((None, Reason::BweDelayControl));
@@ -1465,6 +1512,16 @@ impl Session {
     pub fn set_pacing_factor(&mut self, factor: f64) {
         self.pacer_control.set_pacing_factor(factor);
         self.configure_pacer();
+    }
+
+    /// PATCH(parley): whether a bandwidth estimator runs (configured and not paused).
+    pub fn estimating(&self) -> bool {
+        self.bwe.is_some() && !self.bwe_paused
+    }
+
+    /// PATCH(parley): pauses or resumes the estimator, see `Bwe::set_paused`.
+    pub fn set_bwe_paused(&mut self, paused: bool) {
+        self.bwe_paused = paused;
     }
 
     fn has_active_outgoing_media(&self) -> bool {

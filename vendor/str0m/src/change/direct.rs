@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::Candidate;
 use crate::IceCreds;
@@ -12,7 +13,10 @@ use crate::poll::RtcMut;
 use crate::rtp_::MidRid;
 use crate::rtp_::{Mid, Rid, Ssrc};
 use crate::sctp::{ChannelConfig, SctpInitData};
-use crate::streams::{DEFAULT_RTX_CACHE_DURATION, DEFAULT_RTX_RATIO_CAP, StreamRx, StreamTx};
+use crate::net::Transmit;
+use crate::streams::{
+    DEFAULT_RTX_CACHE_DURATION, DEFAULT_RTX_RATIO_CAP, RtpWrite, StreamRx, StreamTx,
+};
 
 /// Direct change strategy.
 ///
@@ -356,6 +360,53 @@ impl<'a> DirectApi<'a> {
     /// The stream must first be declared using [`DirectApi::declare_stream_tx`].
     pub fn stream_tx(&mut self, ssrc: &Ssrc) -> Option<&mut StreamTx> {
         self.rtc.session.streams.stream_tx(ssrc)
+    }
+
+    /// PATCH(parley): writes `rtp` to the unpaced (audio) send stream of `mid` and returns
+    /// the encrypted datagram at once, skipping the timeout and poll cycle that a write through
+    /// [`StreamTx::write_rtp`] needs before the pacer releases it. Only when that cycle would
+    /// release this packet at once anyway: the stream is unpaced, has sent before and has
+    /// nothing queued ahead, no probe is running and the connection is up. Otherwise `rtp` is
+    /// handed back unwritten, to be written the usual way. `Ok(None)`: written, and it leaves
+    /// through [`Rtc::poll_output`] as usual.
+    pub fn send_rtp_now(
+        &mut self,
+        mid: Mid,
+        rtp: RtpWrite,
+        now: Instant,
+    ) -> Result<Option<Transmit>, RtpWrite> {
+        let mut m = self.rtc.mutate();
+        let send = match (&m.state, &m.send_addr) {
+            (crate::RtcState::Alive, Some(s)) => (s.proto, s.source, s.destination),
+            _ => {
+                m.no_events();
+                m.no_timeout();
+                return Err(rtp);
+            }
+        };
+        match m.session.send_unpaced_now(now, MidRid(mid, None), rtp) {
+            Err(rtp) => {
+                m.no_events();
+                m.no_timeout();
+                Err(rtp)
+            }
+            // Queued after all: poll_output must look again.
+            Ok(None) => Ok(None),
+            Ok(Some(contents)) => {
+                // Sending moved no timer: the stream's queue is empty again, and its reports,
+                // the pacer's next turn and the estimator's keep their times.
+                m.no_events();
+                m.no_timeout();
+                m.peer_bytes_tx += contents.len() as u64;
+                let (proto, source, destination) = send;
+                Ok(Some(Transmit {
+                    proto,
+                    source,
+                    destination,
+                    contents,
+                }))
+            }
+        }
     }
 
     /// Obtain a send stream by looking it up via mid/rid.

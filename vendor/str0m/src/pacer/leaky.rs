@@ -66,7 +66,19 @@ impl Pacer for LeakyBucketPacer {
     }
 
     fn poll_timeout(&self) -> (Option<Instant>, Reason) {
-        let next_handle_time = self.last_handle_time.map(|lh| lh + PACING);
+        // PATCH(parley): a pacer with nothing queued, selected, padded or probed has no use for
+        // its regular turn; a packet written later asks for one at once. Upstream takes a turn
+        // every 40 ms for as long as the session lives.
+        let idle = self.next_poll_time.is_none()
+            && self.next_poll_queue.is_none()
+            && self.padding_bitrate == Bitrate::ZERO
+            && self.probe_queue.is_empty()
+            && self.queue_states.iter().all(|q| q.snapshot.packet_count == 0);
+        let next_handle_time = if idle {
+            None
+        } else {
+            self.last_handle_time.map(|lh| lh + PACING)
+        };
 
         let poll_at = self
             .next_poll_time

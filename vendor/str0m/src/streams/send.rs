@@ -995,6 +995,22 @@ impl StreamTx {
         })
     }
 
+    // PATCH(parley): whether a packet written now can leave at once, without a turn of the
+    // pacer: an unpaced (audio) stream that has sent before, with nothing queued, resent or
+    // padded ahead of it.
+    pub(crate) fn can_send_now(&self) -> bool {
+        self.unpaced == Some(true)
+            && self.rtp_and_wallclock.is_some()
+            && self.send_queue.is_empty()
+            && self.resends.is_empty()
+            && self.padding == 0
+    }
+
+    // PATCH(parley): timestamps what was just written, as the session's timeout would.
+    pub(crate) fn stamp_queue(&mut self, now: Instant) {
+        self.send_queue.handle_timeout(now);
+    }
+
     fn is_audio(&self) -> bool {
         self.kind.is_some_and(|kind| kind.is_audio())
     }
