@@ -860,21 +860,20 @@ impl Session {
         } else {
             VIDEO
         };
+        // When nothing waits ahead of the packet and the pacer would let it go at once, str0m
+        // encrypts it here instead of in a turn of the whole session (timeout pass, pacer scan,
+        // poll) per packet. (Looking at the stream first would mark the session for that turn.)
         let mut api = self.rtc.direct_api();
-        if t.kind == MediaKind::Audio {
-            // Audio is not paced: when nothing waits ahead of it, str0m encrypts it here
-            // instead of in a turn of the whole session (timeout, pacer, poll) per packet.
-            match api.send_rtp_now(mid, write, now) {
-                Ok(sent) => {
-                    stats.rtp_out_packets[k] += 1;
-                    stats.rtp_out_bytes[k] += pkt.payload.len() as u64;
-                    let queued = sent.is_none();
-                    transmits.extend(sent);
-                    return queued;
-                }
-                Err(back) => write = back,
+        let write = match api.send_rtp_now(mid, write, now) {
+            Ok(sent) => {
+                stats.rtp_out_packets[k] += 1;
+                stats.rtp_out_bytes[k] += pkt.payload.len() as u64;
+                let queued = sent.is_none();
+                transmits.extend(sent);
+                return queued;
             }
-        }
+            Err(write) => write,
+        };
         let Some(tx) = api.stream_tx_by_mid(mid, None) else {
             return false;
         };

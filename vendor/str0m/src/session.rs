@@ -1248,16 +1248,18 @@ impl Session {
         self.poll_packet_of(now, midrid, cluster_id)
     }
 
-    /// PATCH(parley): writes `rtp` to the unpaced stream `midrid` and returns it encrypted at
-    /// once, as the pacer would at its next turn, when nothing else is queued on the stream and
-    /// no probe is running. Otherwise hands `rtp` back, unwritten. `Ok(None)`: written, but it
+    /// PATCH(parley): writes `rtp` to the stream `midrid` and returns it encrypted at once, as
+    /// the pacer would at its next turn, when nothing else is queued on the stream, no probe is
+    /// running and, for a paced stream, `paced_ok` and the pacer has no debt to wait out. The
+    /// flag: timers moved (a probe started), so the timeout must be computed again. Otherwise hands `rtp` back, unwritten. `Ok(None)`: written, but it
     /// leaves through the pacer after all (the caller must then arm a re-poll).
     pub(crate) fn send_unpaced_now(
         &mut self,
         now: Instant,
         midrid: MidRid,
         rtp: RtpWrite,
-    ) -> Result<Option<DatagramSend>, RtpWrite> {
+        paced_ok: bool,
+    ) -> Result<(Option<DatagramSend>, bool), RtpWrite> {
         if self.rtp_closing || self.srtp_tx.is_none() || self.pacer.active_cluster().is_some() {
             return Err(rtp);
         }
@@ -1267,9 +1269,27 @@ impl Session {
         if !stream.can_send_now() {
             return Err(rtp);
         }
+        if !stream.is_unpaced() && !(paced_ok && self.pacer.may_send_now(now)) {
+            return Err(rtp);
+        }
+        let Some(stream) = self.streams.stream_tx_by_midrid(midrid) else {
+            return Err(rtp);
+        };
         stream.write_rtp(rtp);
         stream.stamp_queue(now);
-        Ok(self.poll_packet_of(now, midrid, None))
+        let sent = self.poll_packet_of(now, midrid, None);
+        // The estimator still gets its turn per packet, as in the pass this replaces: its
+        // smoothed estimate averages what each turn shows it, so fewer turns would make it
+        // follow the link more slowly. A probe it starts needs the pacer's turn at once.
+        let mut rearm = false;
+        if self.estimating() {
+            let probe_media = self.handle_timeout_bwe(now);
+            if self.pacer.active_cluster().is_some() {
+                self.update_queue_state(now, probe_media);
+                rearm = true;
+            }
+        }
+        Ok((sent, rearm))
     }
 
     fn poll_packet_of(

@@ -362,13 +362,14 @@ impl<'a> DirectApi<'a> {
         self.rtc.session.streams.stream_tx(ssrc)
     }
 
-    /// PATCH(parley): writes `rtp` to the unpaced (audio) send stream of `mid` and returns
-    /// the encrypted datagram at once, skipping the timeout and poll cycle that a write through
+    /// PATCH(parley): writes `rtp` to the send stream of `mid` and returns the encrypted
+    /// datagram at once, skipping the timeout and poll cycle that a write through
     /// [`StreamTx::write_rtp`] needs before the pacer releases it. Only when that cycle would
-    /// release this packet at once anyway: the stream is unpaced, has sent before and has
-    /// nothing queued ahead, no probe is running and the connection is up. Otherwise `rtp` is
-    /// handed back unwritten, to be written the usual way. `Ok(None)`: written, and it leaves
-    /// through [`Rtc::poll_output`] as usual.
+    /// release this packet at once anyway: the stream has sent before and has nothing queued
+    /// ahead, no probe is running and the connection is up; for a paced (video) stream also no
+    /// timer is due, no other stream holds a packet the pacer has not seen, and the pacer's
+    /// debt is below one burst. Otherwise `rtp` is handed back unwritten, to be written the
+    /// usual way. `Ok(None)`: written, and it leaves through [`Rtc::poll_output`] as usual.
     pub fn send_rtp_now(
         &mut self,
         mid: Mid,
@@ -384,19 +385,25 @@ impl<'a> DirectApi<'a> {
                 return Err(rtp);
             }
         };
-        match m.session.send_unpaced_now(now, MidRid(mid, None), rtp) {
+        // A paced packet may overtake nothing: no other stream may hold a packet that the
+        // pacer has not seen, and no timer may be due (it could be the pacer's).
+        let paced_ok = !m.readiness.wants_timeout() && m.cached_timeout > now;
+        match m.session.send_unpaced_now(now, MidRid(mid, None), rtp, paced_ok) {
             Err(rtp) => {
                 m.no_events();
                 m.no_timeout();
                 Err(rtp)
             }
             // Queued after all: poll_output must look again.
-            Ok(None) => Ok(None),
-            Ok(Some(contents)) => {
-                // Sending moved no timer: the stream's queue is empty again, and its reports,
-                // the pacer's next turn and the estimator's keep their times.
+            Ok((None, _)) => Ok(None),
+            Ok((Some(contents), rearm)) => {
+                // Sending moved no timer unless the estimator started a probe: the stream's
+                // queue is empty again, and its reports and the pacer's next turn keep their
+                // times (the estimator's own comes no later for the turn it just had).
                 m.no_events();
-                m.no_timeout();
+                if !rearm {
+                    m.no_timeout();
+                }
                 m.peer_bytes_tx += contents.len() as u64;
                 let (proto, source, destination) = send;
                 Ok(Some(Transmit {

@@ -244,6 +244,28 @@ impl LeakyBucketPacer {
         None
     }
 
+    /// PATCH(parley): whether a paced packet written now would leave at the pacer's next turn
+    /// without waiting: nothing queued or selected, no probe, and the media debt (cleared for
+    /// the time since the last turn, as a turn does) below one burst. The caller sends it at
+    /// once and registers it with `register_send`.
+    pub(crate) fn may_send_now(&mut self, now: Instant) -> bool {
+        if self.next_poll_queue.is_some()
+            || !self.probe_queue.is_empty()
+            || self.adjusted_bitrate == Bitrate::ZERO
+            || self.last_emitted.is_none()
+            || self.queue_states.iter().any(|q| q.snapshot.packet_count > 0)
+        {
+            return false;
+        }
+        if self.last_handle_time.is_some_and(|t| now < t) {
+            return false;
+        }
+        let elapsed = self.update_handle_time_and_get_elapsed(now);
+        self.clear_debt(elapsed);
+        let burst_interval = PACING.min(MAX_BURST_SIZE / self.adjusted_bitrate);
+        self.media_debt / self.adjusted_bitrate < burst_interval
+    }
+
     fn update_handle_time_and_get_elapsed(&mut self, now: Instant) -> Duration {
         // Due the calling code this also happens when a packet is queued in any upstream queue.
         let Some(previous_handle_time) = self.last_handle_time else {

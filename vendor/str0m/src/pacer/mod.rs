@@ -47,6 +47,14 @@ impl PacerImpl {
         }
     }
 
+    /// PATCH(parley): see `LeakyBucketPacer::may_send_now`.
+    pub fn may_send_now(&mut self, now: Instant) -> bool {
+        match self {
+            PacerImpl::Null(_) => false,
+            PacerImpl::LeakyBucket(v) => v.may_send_now(now),
+        }
+    }
+
     pub fn check_probe_complete(&mut self, now: Instant) -> Option<TwccClusterId> {
         match self {
             PacerImpl::Null(_) => None,

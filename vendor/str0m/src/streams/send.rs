@@ -996,10 +996,14 @@ impl StreamTx {
     }
 
     // PATCH(parley): whether a packet written now can leave at once, without a turn of the
-    // pacer: an unpaced (audio) stream that has sent before, with nothing queued, resent or
-    // padded ahead of it.
-    pub(crate) fn can_send_now(&self) -> bool {
+    // pacer, as far as this stream goes: it has had its first turn and has sent before, with
+    // nothing queued, resent or padded ahead of it. A paced stream also needs the pacer's leave.
+    pub(crate) fn is_unpaced(&self) -> bool {
         self.unpaced == Some(true)
+    }
+
+    pub(crate) fn can_send_now(&self) -> bool {
+        self.unpaced.is_some()
             && self.rtp_and_wallclock.is_some()
             && self.send_queue.is_empty()
             && self.resends.is_empty()
