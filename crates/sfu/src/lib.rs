@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use parley_proto::media::{MediaCommand, MediaEvent, SessionId, TrackSource};
+use rustc_hash::FxHashMap;
 use str0m::Input;
 use str0m::bwe::Bitrate;
 use str0m::crypto::dtls::DtlsCert;
@@ -52,10 +53,10 @@ pub struct SfuConfig {
 /// The media plane: every session, room and forwarding decision.
 pub struct Sfu {
     config: SfuConfig,
-    sessions: HashMap<SessionId, Session>,
+    sessions: FxHashMap<SessionId, Session>,
     rooms: HashMap<String, Vec<SessionId>>,
     by_ufrag: HashMap<String, SessionId>,
-    by_addr: HashMap<SocketAddr, SessionId>,
+    by_addr: FxHashMap<SocketAddr, SessionId>,
     timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
     events: VecDeque<MediaEvent>,
     transmits: VecDeque<Transmit>,
@@ -100,10 +101,10 @@ impl Sfu {
     pub fn new(config: SfuConfig) -> Self {
         Sfu {
             config,
-            sessions: HashMap::new(),
+            sessions: FxHashMap::default(),
             rooms: HashMap::new(),
             by_ufrag: HashMap::new(),
-            by_addr: HashMap::new(),
+            by_addr: FxHashMap::default(),
             timers: BinaryHeap::new(),
             events: VecDeque::new(),
             transmits: VecDeque::new(),
