@@ -56,6 +56,9 @@ const MAX_PENDING_RRTRS: usize = 300;
 /// Maximum number of DLRR items to include in a single ExtendedReport.
 const MAX_DLRR_PER_REPORT: usize = 50;
 
+/// PATCH(parley): entries of `feedback_tx` kept allocated once it is drained.
+const FEEDBACK_KEEP: usize = 4;
+
 pub(crate) struct Session {
     id: SessionId,
 
@@ -1221,6 +1224,13 @@ impl Session {
         };
 
         let len = Rtcp::write_packet(&mut self.feedback_tx, &mut data, output);
+
+        // PATCH(parley): a burst of reports (a sender report and description for every send
+        // stream, due together) grows the queue to dozens of entries of a large enum; do not
+        // keep that for the life of the session.
+        if self.feedback_tx.is_empty() && self.feedback_tx.capacity() > FEEDBACK_KEEP {
+            self.feedback_tx.shrink_to(FEEDBACK_KEEP);
+        }
 
         if len == 0 {
             return None;
