@@ -750,7 +750,7 @@ impl Session {
     }
 
     /// Writes a packet to this subscriber if it receives that track and layer; switches layer
-    /// at a keyframe of the target layer. Audio that can leave at once goes straight to
+    /// at a keyframe of the target layer. A packet that can leave at once goes straight to
     /// `transmits`. Returns whether a packet was queued, so that the session must be polled.
     pub fn write(
         &mut self,

@@ -1260,10 +1260,11 @@ impl Session {
 
     /// PATCH(parley): writes `rtp` to the stream `midrid` and returns it encrypted at once, as
     /// the pacer would at its next turn, when nothing else is queued on the stream, no probe is
-    /// running and, for a paced stream, `paced_ok` and the pacer has no debt to wait out. The
-    /// flag: timers moved (a probe started), so the timeout must be computed again. Otherwise hands `rtp` back, unwritten. `Ok(None)`: written, but it
-    /// leaves through the pacer after all (the caller must then arm a re-poll).
-    pub(crate) fn send_unpaced_now(
+    /// running and, for a paced stream, `paced_ok` holds and the pacer has no debt to wait out.
+    /// Otherwise hands `rtp` back, unwritten. The flag: timers moved (the estimator started a
+    /// probe), so the timeout must be computed again. `Ok((None, _))`: written, but it leaves
+    /// through the pacer after all (the caller must then arm a re-poll).
+    pub(crate) fn send_now(
         &mut self,
         now: Instant,
         midrid: MidRid,

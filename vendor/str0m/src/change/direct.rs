@@ -388,7 +388,7 @@ impl<'a> DirectApi<'a> {
         // A paced packet may overtake nothing: no other stream may hold a packet that the
         // pacer has not seen, and no timer may be due (it could be the pacer's).
         let paced_ok = !m.readiness.wants_timeout() && m.cached_timeout > now;
-        match m.session.send_unpaced_now(now, MidRid(mid, None), rtp, paced_ok) {
+        match m.session.send_now(now, MidRid(mid, None), rtp, paced_ok) {
             Err(rtp) => {
                 m.no_events();
                 m.no_timeout();

@@ -995,13 +995,15 @@ impl StreamTx {
         })
     }
 
-    // PATCH(parley): whether a packet written now can leave at once, without a turn of the
-    // pacer, as far as this stream goes: it has had its first turn and has sent before, with
-    // nothing queued, resent or padded ahead of it. A paced stream also needs the pacer's leave.
+    // PATCH(parley): whether the pacer lets this stream's packets go unpaced (audio).
     pub(crate) fn is_unpaced(&self) -> bool {
         self.unpaced == Some(true)
     }
 
+    // PATCH(parley): whether a packet written now can leave at once, without a turn of the
+    // pacer, as far as this stream goes: it has had its first turn and has been written to
+    // before, with nothing queued, resent or padded ahead of it. A paced stream also needs the
+    // pacer's leave (`LeakyBucketPacer::may_send_now`).
     pub(crate) fn can_send_now(&self) -> bool {
         self.unpaced.is_some()
             && self.rtp_and_wallclock.is_some()
