@@ -244,30 +244,60 @@ pub struct MediaNode {
 }
 
 impl MediaNode {
-    /// Starts a media node on free loopback ports that connects to `signaling`'s /media-node.
+    /// Starts a media node on free loopback ports that connects to `signaling`'s /media-node,
+    /// and waits until it listens or exits. As with [`Server::start`], a start that lost a port
+    /// race is retried on fresh ports; a node that exits for any other reason is returned as it
+    /// is (a test may expect it to be refused).
     pub fn spawn(signaling: SocketAddr, secret: &str, id: &str) -> MediaNode {
-        let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
-        let rtc_port = free_media_port().to_string();
+        let log_path = std::env::temp_dir().join(format!(
+            "parley-test-node-{}-{}.log",
+            std::process::id(),
+            START_COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let url = format!("ws://{signaling}/media-node");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
-        cmd.args([
-            "media",
-            "--http",
-            &http.to_string(),
-            "--signaling-url",
-            &url,
-        ])
-        .args(["--node-secret", secret, "--node-id", id])
-        .args(["--rtc-port", &rtc_port, "--rtc-bind", "127.0.0.1"])
-        .args(["--public-ip", "127.0.0.1"])
-        .env_remove("PARLEY_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-        if std::env::var_os("PARLEY_TEST_LOG").is_none() {
-            cmd.stderr(Stdio::null());
+        for attempt in 1.. {
+            let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+            let rtc_port = free_media_port().to_string();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
+            cmd.args([
+                "media",
+                "--http",
+                &http.to_string(),
+                "--signaling-url",
+                &url,
+            ])
+            .args(["--node-secret", secret, "--node-id", id])
+            .args(["--rtc-port", &rtc_port, "--rtc-bind", "127.0.0.1"])
+            .args(["--public-ip", "127.0.0.1"])
+            .env_remove("PARLEY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+            if std::env::var_os("PARLEY_TEST_LOG").is_none() {
+                let file = std::fs::File::create(&log_path).expect("create the node log");
+                cmd.stderr(file);
+            }
+            let mut child = cmd.spawn().expect("the parley binary starts");
+            // The node binds its media port before its HTTP port.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut lost_port = false;
+            while std::time::Instant::now() < deadline {
+                if child.try_wait().expect("child status").is_some() {
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    lost_port = log.to_ascii_lowercase().contains("address already in use");
+                    break;
+                }
+                if std::net::TcpStream::connect_timeout(&http, Duration::from_millis(100)).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            if !lost_port || attempt == 5 {
+                return MediaNode { child, http };
+            }
+            // It has exited already; this only keeps the process handling explicit.
+            let _ = child.wait();
         }
-        let child = cmd.spawn().expect("the parley binary starts");
-        MediaNode { child, http }
+        unreachable!()
     }
 }
 
