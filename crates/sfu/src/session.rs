@@ -362,6 +362,8 @@ impl Session {
         // pacer also stops asking for a timeout after the last queued audio packet.
         rtc.bwe().set_padding_target(Bitrate::ZERO);
         rtc.bwe().set_pacing_factor(PACING_FACTOR);
+        // No video goes to a new participant yet (see `pause_estimator_without_video`).
+        rtc.bwe().set_paused(true);
         Session {
             id,
             room,
@@ -385,13 +387,14 @@ impl Session {
             can_subscribe: true,
             bwe_asked: None,
             last_probe: None,
-            estimator_paused: false,
+            estimator_paused: true,
         }
     }
 
     /// Runs str0m's bandwidth estimator only while video flows to this participant: the
     /// estimate chooses video layers, and with audio alone the estimator's work on each
-    /// transport-wide feedback costs more than forwarding the packets it reports on.
+    /// transport-wide feedback costs more than forwarding the packets it reports on. Called
+    /// wherever a track to this participant opens or stops.
     fn pause_estimator_without_video(&mut self) {
         let video_out = self
             .tracks_out
@@ -493,6 +496,7 @@ impl Session {
         }
         self.tracks_out
             .retain(|t| !matches!(t.state, TrackState::NegotiatingStop(_)));
+        self.pause_estimator_without_video();
         Ok(opened)
     }
 
@@ -520,6 +524,7 @@ impl Session {
                 t.state = TrackState::ToStop(m);
             }
         }
+        self.pause_estimator_without_video();
     }
 
     /// Offers the pending track changes, unless an offer is already outstanding.
@@ -575,7 +580,6 @@ impl Session {
         samples: &mut Vec<Sample>,
     ) -> PollOut {
         self.maybe_negotiate(events);
-        self.pause_estimator_without_video();
         self.send_deferred_keyframes(now, crate::KEYFRAME_THROTTLE);
         let mut out = PollOut {
             timeout: now + Duration::from_secs(1),

@@ -1283,9 +1283,6 @@ impl Session {
         if !stream.is_unpaced() && !(paced_ok && self.pacer.may_send_now(now)) {
             return Err(rtp);
         }
-        let Some(stream) = self.streams.stream_tx_by_midrid(midrid) else {
-            return Err(rtp);
-        };
         stream.write_rtp(rtp);
         stream.stamp_queue(now);
         let sent = self.poll_packet_of(now, midrid, None);

@@ -19,22 +19,41 @@ pub const TEST: Duration = Duration::from_secs(60);
 
 static START_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// Where a child's stderr goes: a file of its own (read when it exits early), unless
+/// PARLEY_TEST_LOG=1 asks for the log on the terminal.
+fn log_to_file(cmd: &mut Command, what: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "parley-test-{what}-{}-{}.log",
+        std::process::id(),
+        START_COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    if std::env::var_os("PARLEY_TEST_LOG").is_none() {
+        cmd.stderr(std::fs::File::create(&path).expect("create the child's log"));
+    }
+    path
+}
+
+/// A child's log, and whether it says the child lost a port race: tests run in parallel, so
+/// a port found free can be taken (by another child, or as some connection's ephemeral port)
+/// before the child binds it.
+fn read_log(path: &std::path::Path) -> (String, bool) {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    let lost_port = log.to_ascii_lowercase().contains("address already in use");
+    (log, lost_port)
+}
+
 /// A running `parley serve`, killed on drop.
 pub struct Server {
     pub child: Child,
     pub http: SocketAddr,
+    /// Its stderr (removed on drop).
+    log: std::path::PathBuf,
 }
 
 impl Server {
-    /// Starts `parley serve` on fresh ports. Tests run in parallel, so a port found free can be
-    /// taken (by another server or as some connection's ephemeral port) before this server binds
-    /// it; such a start is retried on new ports. Any other early exit fails with the server's log.
+    /// Starts `parley serve` on fresh ports; a start that lost a port race is retried on new
+    /// ones. Any other early exit fails with the server's log.
     pub async fn start(extra: &[&str]) -> Server {
-        let log_path = std::env::temp_dir().join(format!(
-            "parley-test-{}-{}.log",
-            std::process::id(),
-            START_COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
         for attempt in 1.. {
             let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
             let rtc_port = free_media_port().to_string();
@@ -45,19 +64,18 @@ impl Server {
                 .env_remove("PARLEY_CONFIG")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null());
-            // Set PARLEY_TEST_LOG=1 to see the server's log.
-            let logged = std::env::var_os("PARLEY_TEST_LOG").is_some();
-            if !logged {
-                let file = std::fs::File::create(&log_path).expect("create the server log");
-                cmd.stderr(file);
-            }
+            let log_path = log_to_file(&mut cmd, "server");
             let child = cmd.spawn().expect("the parley binary starts");
-            let mut server = Server { child, http };
+            let mut server = Server {
+                child,
+                http,
+                log: log_path,
+            };
             match server.wait_healthy().await {
                 Ok(()) => return server,
                 Err(status) => {
-                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                    if attempt < 5 && log.to_ascii_lowercase().contains("address already in use") {
+                    let (log, lost_port) = read_log(&server.log);
+                    if lost_port && attempt < 5 {
                         continue;
                     }
                     panic!("parley exited before it was ready: {status}\n{log}");
@@ -99,6 +117,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -241,6 +260,8 @@ pub struct MediaNode {
     pub child: Child,
     /// Its /healthz, /readyz and /metrics.
     pub http: SocketAddr,
+    /// Its stderr (removed on drop).
+    log: std::path::PathBuf,
 }
 
 impl MediaNode {
@@ -249,11 +270,6 @@ impl MediaNode {
     /// race is retried on fresh ports; a node that exits for any other reason is returned as it
     /// is (a test may expect it to be refused).
     pub fn spawn(signaling: SocketAddr, secret: &str, id: &str) -> MediaNode {
-        let log_path = std::env::temp_dir().join(format!(
-            "parley-test-node-{}-{}.log",
-            std::process::id(),
-            START_COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
         let url = format!("ws://{signaling}/media-node");
         for attempt in 1.. {
             let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
@@ -272,18 +288,14 @@ impl MediaNode {
             .env_remove("PARLEY_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-            if std::env::var_os("PARLEY_TEST_LOG").is_none() {
-                let file = std::fs::File::create(&log_path).expect("create the node log");
-                cmd.stderr(file);
-            }
+            let log_path = log_to_file(&mut cmd, "node");
             let mut child = cmd.spawn().expect("the parley binary starts");
             // The node binds its media port before its HTTP port.
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             let mut lost_port = false;
             while std::time::Instant::now() < deadline {
                 if child.try_wait().expect("child status").is_some() {
-                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-                    lost_port = log.to_ascii_lowercase().contains("address already in use");
+                    lost_port = read_log(&log_path).1;
                     break;
                 }
                 if std::net::TcpStream::connect_timeout(&http, Duration::from_millis(100)).is_ok() {
@@ -292,10 +304,15 @@ impl MediaNode {
                 std::thread::sleep(Duration::from_millis(25));
             }
             if !lost_port || attempt == 5 {
-                return MediaNode { child, http };
+                return MediaNode {
+                    child,
+                    http,
+                    log: log_path,
+                };
             }
             // It has exited already; this only keeps the process handling explicit.
             let _ = child.wait();
+            let _ = std::fs::remove_file(&log_path);
         }
         unreachable!()
     }
@@ -305,6 +322,7 @@ impl Drop for MediaNode {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
