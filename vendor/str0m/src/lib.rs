@@ -942,6 +942,10 @@ pub struct Rtc {
     // Last timeout returned by `poll_output`, reused while the readiness says
     // the timeout is still valid.
     cached_timeout: Instant,
+    // PATCH(parley): the part of `cached_timeout` that is not the bandwidth estimator's
+    // timer. Before it, a timeout is the estimator's alone (`Session::estimator_turn`).
+    cached_rest_timeout: Instant,
+    cached_rest_reason: Reason,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1315,6 +1319,8 @@ impl Rtc {
             close_dtls_started: false,
             readiness: Readiness::armed(),
             cached_timeout: start,
+            cached_rest_timeout: start,
+            cached_rest_reason: Reason::NotHappening,
         })
     }
 
@@ -1900,13 +1906,17 @@ impl Rtc {
     fn poll_timeout(&mut self) -> Instant {
         if self.readiness.wants_timeout() {
             let stats_timeout = self.stats.as_mut().and_then(|s| s.poll_timeout());
-            let time_and_reason = (None, Reason::NotHappening)
+            let (session_rest, bwe) = self.session.poll_timeout_parts();
+            let rest = (None, Reason::NotHappening)
                 .soonest((self.next_dtls_timeout, Reason::DTLS))
                 .soonest((self.ice.poll_timeout(), Reason::Ice))
-                .soonest(self.session.poll_timeout())
+                .soonest(session_rest)
                 .soonest((self.sctp.poll_timeout(), Reason::Sctp))
                 .soonest((self.chan.poll_timeout(&self.sctp), Reason::Channel))
                 .soonest((stats_timeout, Reason::Stats));
+            self.cached_rest_timeout = rest.0.unwrap_or_else(not_happening);
+            self.cached_rest_reason = rest.1;
+            let time_and_reason = rest.soonest(bwe);
 
             let time = time_and_reason.0.unwrap_or_else(not_happening);
             self.cached_timeout = time.max(self.last_now);
@@ -2035,19 +2045,17 @@ impl Rtc {
         match input {
             Input::Timeout(now) => self.do_handle_timeout(now)?,
             Input::Receive(recv_time, r) => {
-                // PATCH(parley): after an RTP or RTCP packet, the whole timeout pass runs only
-                // if something was due already, or if the bandwidth estimator runs: its
-                // smoothed estimate averages what each pass shows it, so how fast it follows
-                // the link depends on how often the pass runs. What the packet itself makes due
-                // shows in the next poll_output's timeout, which the caller handles as any
-                // other. Upstream runs the pass (every stream, the pacer, the estimator) after
-                // every packet.
+                // PATCH(parley): after an RTP or RTCP packet, the timeout pass runs only if
+                // something was due already. What the packet itself makes due shows in the
+                // next poll_output's timeout, which the caller handles as any other (feedback
+                // for the estimator gets its effect at the estimator's next turn, at most
+                // 25 ms later). Upstream runs the pass (every stream, the pacer, the
+                // estimator) after every packet.
                 let media = matches!(
                     r.contents.inner,
                     DatagramRecvInner::Rtp(_) | DatagramRecvInner::Rtcp(_)
                 );
                 let due = !media
-                    || self.session.estimating()
                     || self.readiness.wants_timeout()
                     || self.need_init_time
                     || recv_time >= self.cached_timeout;
@@ -2126,6 +2134,29 @@ impl Rtc {
         }
 
         self.last_now = now;
+
+        // PATCH(parley): when only the bandwidth estimator's timer is due (nothing changed
+        // since the timeout was computed, and everything else comes later), the estimator
+        // takes its turn alone. Upstream runs the whole pass: every stream, the pacer, the
+        // feedback, ICE, SCTP; with the estimator's 25 ms timer that was most of the passes of
+        // a session that receives video.
+        if !self.readiness.wants_timeout() && now < self.cached_rest_timeout {
+            if let Some(rearm) = self.session.estimator_turn(now) {
+                // The estimate may have changed: let poll_output look at the events.
+                let mut wake = self.readiness.wake();
+                if rearm {
+                    return Ok(());
+                }
+                wake.no_timeout();
+                drop(wake);
+                let bwe_at = self.session.bwe_timeout();
+                let time_and_reason = (Some(self.cached_rest_timeout), self.cached_rest_reason)
+                    .soonest(bwe_at);
+                self.cached_timeout = time_and_reason.0.unwrap_or_else(not_happening).max(now);
+                self.last_timeout_reason = time_and_reason.1;
+                return Ok(());
+            }
+        }
 
         // Disjoint borrows so each subsystem gets its own armed `Wake` and
         // makes its own re-poll decision; the guards fold into `readiness`

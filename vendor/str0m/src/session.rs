@@ -1261,16 +1261,16 @@ impl Session {
     /// PATCH(parley): writes `rtp` to the stream `midrid` and returns it encrypted at once, as
     /// the pacer would at its next turn, when nothing else is queued on the stream, no probe is
     /// running and, for a paced stream, `paced_ok` holds and the pacer has no debt to wait out.
-    /// Otherwise hands `rtp` back, unwritten. The flag: timers moved (the estimator started a
-    /// probe), so the timeout must be computed again. `Ok((None, _))`: written, but it leaves
-    /// through the pacer after all (the caller must then arm a re-poll).
+    /// Otherwise hands `rtp` back, unwritten. `Ok(None)`: written, but it leaves through the
+    /// pacer after all (the caller must then arm a re-poll). The estimator takes its turns on
+    /// its own timer (see `estimator_turn`), not per packet.
     pub(crate) fn send_now(
         &mut self,
         now: Instant,
         midrid: MidRid,
         rtp: RtpWrite,
         paced_ok: bool,
-    ) -> Result<(Option<DatagramSend>, bool), RtpWrite> {
+    ) -> Result<Option<DatagramSend>, RtpWrite> {
         if self.rtp_closing || self.srtp_tx.is_none() || self.pacer.active_cluster().is_some() {
             return Err(rtp);
         }
@@ -1285,19 +1285,7 @@ impl Session {
         }
         stream.write_rtp(rtp);
         stream.stamp_queue(now);
-        let sent = self.poll_packet_of(now, midrid, None);
-        // The estimator still gets its turn per packet, as in the pass this replaces: its
-        // smoothed estimate averages what each turn shows it, so fewer turns would make it
-        // follow the link more slowly. A probe it starts needs the pacer's turn at once.
-        let mut rearm = false;
-        if self.estimating() {
-            let probe_media = self.handle_timeout_bwe(now);
-            if self.pacer.active_cluster().is_some() {
-                self.update_queue_state(now, probe_media);
-                rearm = true;
-            }
-        }
-        Ok((sent, rearm))
+        Ok(self.poll_packet_of(now, midrid, None))
     }
 
     fn poll_packet_of(
@@ -1371,13 +1359,23 @@ impl Session {
         Some(protected.into())
     }
 
+    #[cfg(test)]
     pub fn poll_timeout(&mut self) -> (Option<Instant>, Reason) {
+        let (rest, bwe) = self.poll_timeout_parts();
+        rest.soonest(bwe)
+    }
+
+    /// PATCH(parley): the session's next timeout in two parts: everything but the bandwidth
+    /// estimator, and the estimator's own timer. While only the estimator is due, an
+    /// `estimator_turn` does the work of a whole timeout pass.
+    pub fn poll_timeout_parts(&mut self) -> ((Option<Instant>, Reason), (Option<Instant>, Reason)) {
         if self.rtp_closing {
-            return if self.feedback_tx.is_empty() {
+            let rest = if self.feedback_tx.is_empty() {
                 (None, Reason::NotHappening)
             } else {
                 (Some(already_happened()), Reason::Feedback)
             };
+            return (rest, (None, Reason::NotHappening));
         }
 
         self.update_receive_recovery();
@@ -1395,17 +1393,7 @@ impl Session {
         let send_stream_at = self.streams.send_stream();
         let request_at = self.streams.pending_request();
 
-        // Gives us built-in reason
-        let bwe_at = self
-            .bwe
-            .as_ref()
-            // PATCH(parley): a paused estimator has no timer.
-            .filter(|_| !self.bwe_paused)
-            .map(|bwe| bwe.poll_timeout())
-            // We should never see this reason.
-            .unwrap_or((None, Reason::BweDelayControl));
-
-        (feedback_at, Reason::Feedback)
+        let rest = (feedback_at, Reason::Feedback)
             .soonest((request_at, Reason::Feedback))
             .soonest((nack_at, Reason::Nack))
             .soonest((twcc_at, Reason::Twcc))
@@ -1413,8 +1401,35 @@ impl Session {
             .soonest((receive_at, Reason::ReceiveReorder))
             .soonest((packetize_at, Reason::Packetize))
             .soonest((paused_at, Reason::PauseCheck))
-            .soonest((send_stream_at, Reason::SendStream))
-            .soonest(bwe_at)
+            .soonest((send_stream_at, Reason::SendStream));
+        (rest, self.bwe_timeout())
+    }
+
+    /// The estimator's next timer; none while it is paused (PATCH(parley)).
+    pub fn bwe_timeout(&self) -> (Option<Instant>, Reason) {
+        self.bwe
+            .as_ref()
+            .filter(|_| !self.bwe_paused)
+            .map(|bwe| bwe.poll_timeout())
+            // We should never see this reason.
+            .unwrap_or((None, Reason::BweDelayControl))
+    }
+
+    /// PATCH(parley): a turn for the bandwidth estimator alone, when nothing else in the
+    /// session is due. Returns None, having done nothing, when a whole timeout pass is needed
+    /// instead: the session is closing, the estimator is paused, or a probe runs (the pacer
+    /// takes part in those). `Some(true)`: the estimator started a probe, which got the
+    /// pacer's turn at once; the caller must compute the timeout again.
+    pub fn estimator_turn(&mut self, now: Instant) -> Option<bool> {
+        if self.rtp_closing || !self.estimating() || self.pacer.active_cluster().is_some() {
+            return None;
+        }
+        let probe_media = self.handle_timeout_bwe(now);
+        if self.pacer.active_cluster().is_some() {
+            self.update_queue_state(now, probe_media);
+            return Some(true);
+        }
+        Some(false)
     }
 
     pub fn has_mid(&self, mid: Mid) -> bool {

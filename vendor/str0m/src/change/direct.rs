@@ -395,15 +395,12 @@ impl<'a> DirectApi<'a> {
                 Err(rtp)
             }
             // Queued after all: poll_output must look again.
-            Ok((None, _)) => Ok(None),
-            Ok((Some(contents), rearm)) => {
-                // Sending moved no timer unless the estimator started a probe: the stream's
-                // queue is empty again, and its reports and the pacer's next turn keep their
-                // times (the estimator's own comes no later for the turn it just had).
+            Ok(None) => Ok(None),
+            Ok(Some(contents)) => {
+                // Sending moved no timer: the stream's queue is empty again, and its reports
+                // and the pacer's next turn keep their times.
                 m.no_events();
-                if !rearm {
-                    m.no_timeout();
-                }
+                m.no_timeout();
                 m.peer_bytes_tx += contents.len() as u64;
                 let (proto, source, destination) = send;
                 Ok(Some(Transmit {
