@@ -364,6 +364,7 @@ impl Session {
         rtc.bwe().set_pacing_factor(PACING_FACTOR);
         // No video goes to a new participant yet (see `pause_estimator_without_video`).
         rtc.bwe().set_paused(true);
+        rtc.bwe().set_audio_transport_cc(false);
         Session {
             id,
             room,
@@ -395,6 +396,12 @@ impl Session {
     /// estimate chooses video layers, and with audio alone the estimator's work on each
     /// transport-wide feedback costs more than forwarding the packets it reports on. Called
     /// wherever a track to this participant opens or stops.
+    ///
+    /// Forwarded audio carries transport-wide sequence numbers only while the estimator runs:
+    /// without them the participant sends no transport-wide feedback for audio, where it
+    /// otherwise reports every 50 ms (in a call of audio alone, as many RTCP packets came in
+    /// as the audio packets of the unmuted speakers). With video, the audio's feedback is what
+    /// shows the estimator the link while the video is paused for want of bandwidth.
     fn pause_estimator_without_video(&mut self) {
         let video_out = self
             .tracks_out
@@ -403,6 +410,7 @@ impl Session {
         if self.estimator_paused == video_out {
             self.estimator_paused = !video_out;
             self.rtc.bwe().set_paused(!video_out);
+            self.rtc.bwe().set_audio_transport_cc(video_out);
         }
     }
 

@@ -111,6 +111,8 @@ pub(crate) struct Session {
 
     /// PATCH(parley): see `Bwe::set_paused`.
     bwe_paused: bool,
+    // PATCH(parley): whether sent audio carries transport-wide sequence numbers.
+    audio_transport_cc: bool,
 
     // temporary buffer when getting the next (unencrypted) RTP packet from Media line.
     poll_packet_buf: Vec<u8>,
@@ -214,6 +216,7 @@ impl Session {
             pacer,
             pacer_control: PacerControl::new(),
             bwe_paused: false,
+            audio_transport_cc: true,
             poll_packet_buf: vec![0; 2000],
             pending_packet: None,
             media_bytes_rx: 0,
@@ -1308,7 +1311,9 @@ impl Session {
 
         // TWCC might not be enabled for this m-line. Firefox do use TWCC, but not
         // for audio. This is indiciated via the SDP.
-        let twcc_enabled = exts.id_of(Extension::TransportSequenceNumber).is_some();
+        // PATCH(parley): nor for sent audio when the application said so.
+        let twcc_enabled = exts.id_of(Extension::TransportSequenceNumber).is_some()
+            && (self.audio_transport_cc || !media.kind().is_audio());
         let twcc = twcc_enabled.then_some(&mut self.twcc);
 
         let receipt = stream.poll_packet(now, exts, twcc, params, buf)?;
@@ -1549,6 +1554,12 @@ impl Session {
     pub fn set_padding_target(&mut self, target: Bitrate) {
         self.pacer_control.set_padding_target(target);
         self.configure_pacer();
+    }
+
+    /// PATCH(parley): whether sent audio carries transport-wide sequence numbers, see
+    /// `Bwe::set_audio_transport_cc`.
+    pub fn set_audio_transport_cc(&mut self, enabled: bool) {
+        self.audio_transport_cc = enabled;
     }
 
     /// PATCH(parley): the pacing rate as a multiple of the estimate, see `Bwe::set_pacing_factor`.

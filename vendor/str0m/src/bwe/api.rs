@@ -134,6 +134,21 @@ impl<'a> Bwe<'a> {
         m.no_events();
     }
 
+    /// Whether sent audio carries transport-wide sequence numbers (on by default where the
+    /// remote side negotiated them).
+    ///
+    /// Without them a receiver of audio sends no transport-wide feedback for it: a receiver of
+    /// audio alone then sends next to no RTCP, where it otherwise reports every 50 ms. The
+    /// estimate then rests on the video (and padding) sent, which is most of the bytes.
+    ///
+    /// PATCH(parley): not in upstream str0m 0.25.
+    pub fn set_audio_transport_cc(&mut self, enabled: bool) {
+        let mut m = self.0.mutate();
+        m.session.set_audio_transport_cc(enabled);
+        m.no_events();
+        m.no_timeout();
+    }
+
     /// Reset the BWE with a new init_bitrate
     ///
     /// This discards the current estimator state and starts estimation again
