@@ -158,7 +158,7 @@ mod test {
         while t <= secs * 1000 {
             smoother.record(start + Duration::from_millis(t), Bitrate::bps(estimate(t)));
             if t % 1000 == 0 {
-                out.push(smoother.average.unwrap().as_f64());
+                out.push(smoother.average.expect("an average").as_f64());
             }
             t += step_ms;
         }
@@ -200,7 +200,7 @@ mod test {
         for t in (5300..=11_000).step_by(25) {
             smoother.record(at(t), Bitrate::bps(step(t)));
         }
-        let avg = smoother.average.unwrap().as_f64();
+        let avg = smoother.average.expect("an average").as_f64();
         assert!(
             avg < 1_100_000.0,
             "rose to {avg} one second after the link did"
