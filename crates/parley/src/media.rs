@@ -179,6 +179,7 @@ pub fn start(
                             return;
                         }
                     };
+                    let segments = state.max_gso_segments().min(batch::MAX_SEGMENTS);
                     let mut worker = Worker {
                         index,
                         sfu: Sfu::new(SfuConfig {
@@ -193,6 +194,7 @@ pub fn start(
                         ufrags: HashMap::new(),
                         reader: None,
                         out: Vec::with_capacity(SEND_BATCH),
+                        segments,
                     };
                     let mut lead_rx = LeadChannels::default();
                     if let Some((reader, router, control_rx, listener)) = lead {
@@ -344,12 +346,15 @@ const INBOX: usize = 1024;
 const SPARE: usize = 64;
 
 const BATCH: usize = 32;
-/// Datagrams gathered for one send.
-const SEND_BATCH: usize = 16;
+/// Most datagrams gathered for one send: room for a video frame's packets to each of many
+/// viewers, so that each viewer's can leave as one message.
+const SEND_BATCH: usize = 512;
 /// Timeouts handled back to back, each already due when the last finished, before the worker
 /// looks at its socket and channels again.
 const MAX_DUE_IN_A_ROW: u32 = 64;
-const BUF: usize = 2048;
+/// One read: a datagram, or up to 64 that the kernel coalesced (quinn-udp turns `UDP_GRO` on;
+/// a network card's GRO then merges a sender's burst, and a shorter buffer would cut it off).
+const BUF: usize = 1 << 16;
 
 /// Worker 0's reading side: the dispatch table and the hand-over to the other workers.
 struct Reader {
@@ -430,6 +435,8 @@ struct Worker {
     reader: Option<Reader>,
     /// Datagrams being sent (kept for its buffer).
     out: Vec<parley_sfu::Transmit>,
+    /// Most datagrams one message may carry as segments (UDP GSO; 1: none).
+    segments: usize,
 }
 
 impl Worker {
@@ -674,8 +681,8 @@ impl Worker {
 
     async fn flush(&mut self) {
         loop {
-            // A few datagrams at a time: enough for one `sendmmsg`, few enough that the first
-            // leaves soon after str0m stamped its send time.
+            // What the last round produced, up to a bound: the first datagram leaves soon
+            // after str0m stamped its send time.
             while self.out.len() < SEND_BATCH {
                 let Some(t) = self.sfu.poll_transmit() else {
                     break;
@@ -707,13 +714,19 @@ impl Worker {
     }
 
     /// Sends `self.out`: runs of IPv4 datagrams with one `sendmmsg` each, others one by one.
+    /// With segmentation, a destination's datagrams go together (in their order), so that a
+    /// frame's packets to one viewer can leave as one message.
     async fn send_out(&mut self) {
-        let out = std::mem::take(&mut self.out);
+        let mut out = std::mem::take(&mut self.out);
+        if self.segments > 1 {
+            // Stable: each destination's datagrams keep their order.
+            out.sort_by_key(|t| t.destination);
+        }
         let mut next = 0;
         while next < out.len() {
             let res = if self.batchable(&out[next]).is_some() {
                 let fd = self.io.get_ref().as_raw_fd();
-                batch::send(fd, out[next..].iter().map_while(|t| self.batchable(t)))
+                batch::send(fd, &out[next..], |t| self.batchable(t), self.segments)
             } else {
                 self.send_one(&out[next]).map(|()| 1)
             };
@@ -723,6 +736,15 @@ impl Worker {
                     Ok(mut guard) => guard.clear_ready(),
                     Err(_) => break,
                 },
+                // A network device that cannot segment fails the message: without
+                // segmentation from now on, and the same datagrams again.
+                Err(err)
+                    if self.segments > 1
+                        && matches!(err.raw_os_error(), Some(libc::EIO | libc::EINVAL)) =>
+                {
+                    tracing::info!(%err, "sending segmented datagrams failed; sending them one by one");
+                    self.segments = 1;
+                }
                 Err(err) => {
                     // This datagram only (an unreachable peer and the like); go on after it.
                     tracing::debug!(%err, dest = %out[next].destination, "media send error");

@@ -192,6 +192,92 @@ async fn metrics_and_readiness() {
     .await;
 }
 
+/// A burst that the kernel hands over coalesced is split again, each datagram handled: the
+/// media socket takes coalesced reads (`UDP_GRO`, as a network card's GRO merges a sender's
+/// burst), which a 2 KB read buffer used to cut off after the first datagram or two. Here the
+/// burst is one message of ten segments (UDP GSO), which loopback delivers whole; each is
+/// garbage, and each is counted as a datagram for no session.
+#[tokio::test]
+async fn a_coalesced_burst_is_read_datagram_by_datagram() {
+    within_time_limit(async {
+        let server = Server::start(&[]).await;
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let segment = [0xffu8; 1000];
+        let segments = [std::io::IoSlice::new(&segment); 10];
+        send_segmented(&sock, &segments, server.rtc);
+        let series = "parley_errors_total{kind=\"datagram_unrouted\"}";
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let counted = loop {
+            let (_, body) = http_get(server.http, "/metrics").await;
+            let n = metric(&body, series).unwrap_or(0.0);
+            // The metrics are exported once a second; wait for a second export after the first
+            // count, so that a late part of the burst would show.
+            if n > 0.0 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let (_, body) = http_get(server.http, "/metrics").await;
+                break metric(&body, series).unwrap_or(0.0);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nothing counted:\n{body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(counted, 10.0, "each of the ten datagrams is handled");
+    })
+    .await;
+}
+
+/// Sends `segments` (all of one length) to `to` as one message of UDP GSO segments.
+fn send_segmented(
+    sock: &std::net::UdpSocket,
+    segments: &[std::io::IoSlice<'_>],
+    to: std::net::SocketAddr,
+) {
+    use std::os::fd::AsRawFd;
+    let std::net::SocketAddr::V4(to) = to else {
+        panic!("an IPv4 address")
+    };
+    let mut addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: to.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*to.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    #[repr(C, align(8))]
+    struct Control([u8; 32]);
+    let mut control = Control([0; 32]);
+    // SAFETY: a zeroed msghdr is valid; it points at `addr`, `segments` and `control`, alive
+    // for the call, and the one control message (a u16) fits the 32-byte aligned buffer.
+    let sent = unsafe {
+        let mut hdr: libc::msghdr = std::mem::zeroed();
+        hdr.msg_name = (&mut addr as *mut libc::sockaddr_in).cast();
+        hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        hdr.msg_iov = segments.as_ptr() as *mut libc::iovec;
+        hdr.msg_iovlen = segments.len() as _;
+        hdr.msg_control = control.0.as_mut_ptr().cast();
+        hdr.msg_controllen = libc::CMSG_SPACE(2) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&hdr);
+        (*cmsg).cmsg_level = libc::SOL_UDP;
+        (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(2) as _;
+        std::ptr::write_unaligned(
+            libc::CMSG_DATA(cmsg).cast::<u16>(),
+            segments[0].len() as u16,
+        );
+        libc::sendmsg(sock.as_raw_fd(), &hdr, 0)
+    };
+    let total: usize = segments.iter().map(|s| s.len()).sum();
+    assert_eq!(
+        sent,
+        total as isize,
+        "sendmsg: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 #[tokio::test]
 async fn drain_keeps_calls_refuses_new_rooms_and_exits_when_done() {
     within_time_limit(async {

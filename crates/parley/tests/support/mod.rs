@@ -46,6 +46,8 @@ fn read_log(path: &std::path::Path) -> (String, bool) {
 pub struct Server {
     pub child: Child,
     pub http: SocketAddr,
+    /// The media port (UDP and ICE-TCP), on 127.0.0.1.
+    pub rtc: SocketAddr,
     /// Its stderr (removed on drop).
     log: std::path::PathBuf,
 }
@@ -56,7 +58,8 @@ impl Server {
     pub async fn start(extra: &[&str]) -> Server {
         for attempt in 1.. {
             let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
-            let rtc_port = free_media_port().to_string();
+            let rtc = SocketAddr::from(([127, 0, 0, 1], free_media_port()));
+            let rtc_port = rtc.port().to_string();
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
             cmd.args(["serve", "--http", &http.to_string()])
                 .args(["--rtc-port", &rtc_port, "--public-ip", "127.0.0.1"])
@@ -69,6 +72,7 @@ impl Server {
             let mut server = Server {
                 child,
                 http,
+                rtc,
                 log: log_path,
             };
             match server.wait_healthy().await {
@@ -273,7 +277,8 @@ impl MediaNode {
         let url = format!("ws://{signaling}/media-node");
         for attempt in 1.. {
             let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
-            let rtc_port = free_media_port().to_string();
+            let rtc = SocketAddr::from(([127, 0, 0, 1], free_media_port()));
+            let rtc_port = rtc.port().to_string();
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
             cmd.args([
                 "media",
