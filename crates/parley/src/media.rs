@@ -195,6 +195,7 @@ pub fn start(
                         reader: None,
                         out: Vec::with_capacity(SEND_BATCH),
                         segments,
+                        sender: batch::Sender::new(),
                     };
                     let mut lead_rx = LeadChannels::default();
                     if let Some((reader, router, control_rx, listener)) = lead {
@@ -437,6 +438,7 @@ struct Worker {
     out: Vec<parley_sfu::Transmit>,
     /// Most datagrams one message may carry as segments (UDP GSO; 1: none).
     segments: usize,
+    sender: Box<batch::Sender>,
 }
 
 impl Worker {
@@ -724,9 +726,11 @@ impl Worker {
         }
         let mut next = 0;
         while next < out.len() {
-            let res = if self.batchable(&out[next]).is_some() {
+            let res = if batchable(&self.shared, &out[next]).is_some() {
                 let fd = self.io.get_ref().as_raw_fd();
-                batch::send(fd, &out[next..], |t| self.batchable(t), self.segments)
+                let shared = &self.shared;
+                self.sender
+                    .send(fd, &out[next..], |t| batchable(shared, t), self.segments)
             } else {
                 self.send_one(&out[next]).map(|()| 1)
             };
@@ -756,29 +760,6 @@ impl Worker {
         self.out.clear();
     }
 
-    /// `t` as a datagram for `sendmmsg`: IPv4 to IPv4 only.
-    fn batchable<'t>(&self, t: &'t parley_sfu::Transmit) -> Option<batch::Datagram<'t>> {
-        let SocketAddr::V4(destination) = t.destination else {
-            return None;
-        };
-        let source = match self.reply_from(t) {
-            None => None,
-            Some(IpAddr::V4(ip)) => Some(ip),
-            Some(IpAddr::V6(_)) => return None,
-        };
-        self.shared.local_addr.is_ipv4().then_some(batch::Datagram {
-            destination,
-            source,
-            contents: &t.contents,
-        })
-    }
-
-    /// The address a reply leaves from: the one the peer sent to, as a browser matches
-    /// responses by it (when it is this host's own).
-    fn reply_from(&self, t: &parley_sfu::Transmit) -> Option<IpAddr> {
-        Some(t.source.ip()).filter(|ip| self.shared.local_ips.contains(ip))
-    }
-
     /// One datagram through quinn-udp (IPv6).
     fn send_one(&self, t: &parley_sfu::Transmit) -> io::Result<()> {
         let transmit = quinn_udp::Transmit {
@@ -786,9 +767,32 @@ impl Worker {
             ecn: None,
             contents: &t.contents,
             segment_size: None,
-            src_ip: self.reply_from(t),
+            src_ip: reply_from(&self.shared, t),
         };
         self.state
             .try_send(UdpSockRef::from(self.io.get_ref()), &transmit)
     }
+}
+
+/// `t` as a datagram for `sendmmsg`: IPv4 to IPv4 only.
+fn batchable<'t>(shared: &Shared, t: &'t parley_sfu::Transmit) -> Option<batch::Datagram<'t>> {
+    let SocketAddr::V4(destination) = t.destination else {
+        return None;
+    };
+    let source = match reply_from(shared, t) {
+        None => None,
+        Some(IpAddr::V4(ip)) => Some(ip),
+        Some(IpAddr::V6(_)) => return None,
+    };
+    shared.local_addr.is_ipv4().then_some(batch::Datagram {
+        destination,
+        source,
+        contents: &t.contents,
+    })
+}
+
+/// The address a reply leaves from: the one the peer sent to, as a browser matches responses
+/// by it (when it is this host's own).
+fn reply_from(shared: &Shared, t: &parley_sfu::Transmit) -> Option<IpAddr> {
+    Some(t.source.ip()).filter(|ip| shared.local_ips.contains(ip))
 }

@@ -40,94 +40,124 @@ struct Run {
     count: usize,
 }
 
-/// Sends the leading datagrams of `items` on `fd`: those that `datagram` maps, up to the first
-/// it maps to `None`. Runs of up to `max_segments` datagrams (1: no segmentation) go as one
-/// message each. Returns how many datagrams the kernel took: fewer than all when one fails,
-/// when the socket buffer is full, or past what one call takes (0 for none given). An error
-/// is that of the first message (`WouldBlock` when the buffer is full; `EIO` or `EINVAL` for
-/// a run when the network device cannot segment).
-pub fn send<'a, T>(
-    fd: RawFd,
-    items: &'a [T],
-    datagram: impl Fn(&'a T) -> Option<Datagram<'a>>,
-    max_segments: usize,
-) -> io::Result<usize> {
-    let max_segments = max_segments.clamp(1, MAX_SEGMENTS);
-    // SAFETY: plain C structs, for which all-zero bytes are a valid value.
-    let mut iovs: [libc::iovec; MAX_DATAGRAMS] = unsafe { mem::zeroed() };
-    let mut addrs: [libc::sockaddr_in; MAX] = unsafe { mem::zeroed() };
-    let mut controls = [Control([0; 64]); MAX];
-    let mut headers: [libc::mmsghdr; MAX] = unsafe { mem::zeroed() };
-    let mut runs = [Run::default(); MAX];
-    let mut msgs = 0;
-    // The current run's destination, source, segment size and bytes.
-    let mut open: Option<(SocketAddrV4, Option<Ipv4Addr>, usize, usize)> = None;
-    for (i, d) in items
-        .iter()
-        .take(MAX_DATAGRAMS)
-        .map_while(datagram)
-        .enumerate()
-    {
-        let len = d.contents.len();
-        let joins = open.is_some_and(|(dest, src, seg, bytes)| {
-            dest == d.destination
-                && src == d.source
-                && len <= seg
-                && runs[msgs - 1].count < max_segments
-                && bytes + len <= MAX_MESSAGE_BYTES
-        });
-        if joins {
-            runs[msgs - 1].count += 1;
-            open = open
-                .map(|(dest, src, seg, bytes)| (dest, src, seg, bytes + len))
-                // A shorter datagram ends its run: only the last segment may be shorter.
-                .filter(|&(_, _, seg, _)| len == seg);
-        } else {
-            if msgs == MAX {
-                break;
+/// The arrays one `sendmmsg` call describes its messages with, kept from call to call: set
+/// up afresh for each call would mean clearing some 8 KB for a handful of datagrams.
+pub struct Sender {
+    iovs: [libc::iovec; MAX_DATAGRAMS],
+    addrs: [libc::sockaddr_in; MAX],
+    controls: [Control; MAX],
+    headers: [libc::mmsghdr; MAX],
+    runs: [Run; MAX],
+}
+
+// SAFETY: the raw pointers in the arrays are written by `send` before the call that reads
+// them, and never read otherwise; between calls they are stale values that nothing uses.
+unsafe impl Send for Sender {}
+
+impl Sender {
+    pub fn new() -> Box<Sender> {
+        Box::new(Sender {
+            // SAFETY: plain C structs, for which all-zero bytes are a valid value.
+            iovs: unsafe { mem::zeroed() },
+            addrs: unsafe { mem::zeroed() },
+            controls: [Control([0; 64]); MAX],
+            headers: unsafe { mem::zeroed() },
+            runs: [Run::default(); MAX],
+        })
+    }
+
+    /// Sends the leading datagrams of `items` on `fd`: those that `datagram` maps, up to the
+    /// first it maps to `None`. Runs of up to `max_segments` datagrams (1: no segmentation)
+    /// go as one message each. Returns how many datagrams the kernel took: fewer than all when
+    /// one fails, when the socket buffer is full, or past what one call takes (0 for none
+    /// given). An error is that of the first message (`WouldBlock` when the buffer is full;
+    /// `EIO` or `EINVAL` for a run when the network device cannot segment).
+    pub fn send<'a, T>(
+        &mut self,
+        fd: RawFd,
+        items: &'a [T],
+        datagram: impl Fn(&'a T) -> Option<Datagram<'a>>,
+        max_segments: usize,
+    ) -> io::Result<usize> {
+        let max_segments = max_segments.clamp(1, MAX_SEGMENTS);
+        let Sender {
+            iovs,
+            addrs,
+            controls,
+            headers,
+            runs,
+        } = self;
+        let mut msgs = 0;
+        // The current run's destination, source, segment size and bytes.
+        let mut open: Option<(SocketAddrV4, Option<Ipv4Addr>, usize, usize)> = None;
+        for (i, d) in items
+            .iter()
+            .take(MAX_DATAGRAMS)
+            .map_while(datagram)
+            .enumerate()
+        {
+            let len = d.contents.len();
+            let joins = open.is_some_and(|(dest, src, seg, bytes)| {
+                dest == d.destination
+                    && src == d.source
+                    && len <= seg
+                    && runs[msgs - 1].count < max_segments
+                    && bytes + len <= MAX_MESSAGE_BYTES
+            });
+            if joins {
+                runs[msgs - 1].count += 1;
+                open = open
+                    .map(|(dest, src, seg, bytes)| (dest, src, seg, bytes + len))
+                    // A shorter datagram ends its run: only the last segment may be shorter.
+                    .filter(|&(_, _, seg, _)| len == seg);
+            } else {
+                if msgs == MAX {
+                    break;
+                }
+                runs[msgs] = Run { first: i, count: 1 };
+                addrs[msgs] = sockaddr(d.destination);
+                let hdr = &mut headers[msgs].msg_hdr;
+                hdr.msg_control = std::ptr::null_mut();
+                hdr.msg_controllen = 0;
+                hdr.msg_flags = 0;
+                set_source(hdr, &mut controls[msgs], d.source);
+                msgs += 1;
+                open = (max_segments > 1 && len > 0).then_some((d.destination, d.source, len, len));
             }
-            runs[msgs] = Run {
-                first: i,
-                count: 1,
+            iovs[i] = libc::iovec {
+                iov_base: d.contents.as_ptr() as *mut libc::c_void,
+                iov_len: len,
             };
-            addrs[msgs] = sockaddr(d.destination);
-            set_source(&mut headers[msgs].msg_hdr, &mut controls[msgs], d.source);
-            msgs += 1;
-            open = (max_segments > 1 && len > 0).then_some((d.destination, d.source, len, len));
         }
-        iovs[i] = libc::iovec {
-            iov_base: d.contents.as_ptr() as *mut libc::c_void,
-            iov_len: len,
-        };
-    }
-    for i in 0..msgs {
-        let run = runs[i];
-        let hdr = &mut headers[i].msg_hdr;
-        hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
-        hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        hdr.msg_iov = &mut iovs[run.first];
-        hdr.msg_iovlen = run.count as _;
-        if run.count > 1 {
-            let segment = iovs[run.first].iov_len as u16;
-            push_control(
-                hdr,
-                &mut controls[i],
-                libc::SOL_UDP,
-                libc::UDP_SEGMENT,
-                segment,
-            );
+        if msgs == 0 {
+            return Ok(0);
         }
+        for i in 0..msgs {
+            let run = runs[i];
+            let hdr = &mut headers[i].msg_hdr;
+            hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_in).cast();
+            hdr.msg_namelen = mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            hdr.msg_iov = &mut iovs[run.first];
+            hdr.msg_iovlen = run.count as _;
+            if run.count > 1 {
+                let segment = iovs[run.first].iov_len as u16;
+                push_control(
+                    hdr,
+                    &mut controls[i],
+                    libc::SOL_UDP,
+                    libc::UDP_SEGMENT,
+                    segment,
+                );
+            }
+        }
+        // SAFETY: `headers[..msgs]` were all set above, and point into `addrs`, `iovs`,
+        // `controls` and the datagrams' contents, all alive and unmoved during the call.
+        let sent = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), msgs as libc::c_uint, 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(runs[..sent as usize].iter().map(|r| r.count).sum())
     }
-    if msgs == 0 {
-        return Ok(0);
-    }
-    // SAFETY: `headers[..msgs]` point into `addrs`, `iovs`, `controls` and the datagrams'
-    // contents, all alive and unmoved for the duration of the call.
-    let sent = unsafe { libc::sendmmsg(fd, headers.as_mut_ptr(), msgs as libc::c_uint, 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(runs[..sent as usize].iter().map(|r| r.count).sum())
 }
 
 fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
@@ -234,8 +264,12 @@ mod tests {
                 (v4(r), source, vec![i as u8; 10 + i])
             })
             .collect();
+        // One sender throughout: what one call set up must not leak into the next.
+        let mut sender = Sender::new();
         for segments in [1, MAX_SEGMENTS] {
-            let sent = send(tx.as_raw_fd(), &items, as_datagram, segments).expect("sent");
+            let sent = sender
+                .send(tx.as_raw_fd(), &items, as_datagram, segments)
+                .expect("sent");
             assert_eq!(sent, 3);
             for (r, item) in rx.iter().zip(&items) {
                 let mut buf = [0u8; 64];
@@ -245,9 +279,14 @@ mod tests {
             }
         }
         let none: &[(SocketAddrV4, Option<Ipv4Addr>, Vec<u8>)] = &[];
-        assert_eq!(send(tx.as_raw_fd(), none, as_datagram, 1).expect("none"), 0);
+        assert_eq!(
+            sender
+                .send(tx.as_raw_fd(), none, as_datagram, 1)
+                .expect("none"),
+            0
+        );
         // Sending stops at the first item that is not a datagram.
-        let sent = send(
+        let sent = sender.send(
             tx.as_raw_fd(),
             &items,
             |d| as_datagram(d).filter(|d| d.contents.len() < 11),
@@ -276,6 +315,7 @@ mod tests {
             )
         };
         assert_eq!(rc, 0, "UDP_GRO: {}", io::Error::last_os_error());
+        let mut sender = Sender::new();
         let lens = [1000, 1000, 1000, 400, 1000, 1000];
         let mut items = Vec::new();
         for (i, len) in lens.iter().enumerate() {
@@ -283,7 +323,9 @@ mod tests {
                 items.push((v4(r), None, vec![i as u8; *len]));
             }
         }
-        let sent = send(tx.as_raw_fd(), &items, as_datagram, MAX_SEGMENTS).expect("sent");
+        let sent = sender
+            .send(tx.as_raw_fd(), &items, as_datagram, MAX_SEGMENTS)
+            .expect("sent");
         assert_eq!(sent, items.len(), "the order is kept: every datagram goes");
         // Interleaved destinations make every datagram a message of its own.
         let mut buf = vec![0u8; 65_536];
@@ -295,7 +337,9 @@ mod tests {
         }
         // Grouped by destination: two runs to each (the 400-byte datagram ends the first).
         items.sort_by_key(|d| d.0 != v4(&plain));
-        let sent = send(tx.as_raw_fd(), &items, as_datagram, MAX_SEGMENTS).expect("sent");
+        let sent = sender
+            .send(tx.as_raw_fd(), &items, as_datagram, MAX_SEGMENTS)
+            .expect("sent");
         assert_eq!(sent, items.len());
         for (i, len) in lens.iter().enumerate() {
             let n = plain.recv(&mut buf).expect("received");
