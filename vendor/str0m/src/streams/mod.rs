@@ -136,6 +136,11 @@ pub(crate) struct Streams {
     /// All outgoing encoded streams.
     streams_tx: HashMap<Ssrc, StreamTx>,
 
+    /// PATCH(parley): the Mid/Rid of each send stream, in the order they were declared. A
+    /// lookup by Mid/Rid (once or twice per sent packet) scans this short, dense list instead
+    /// of the map's large `StreamTx` values, a cache miss each.
+    tx_midrids: Vec<(MidRid, Ssrc)>,
+
     /// Non-media padding source. Its sequence counter survives media changes.
     probe_tx: StreamTx,
     probe_media: Option<(Mid, Pt)>,
@@ -178,6 +183,7 @@ impl Streams {
             rx_lookup: Default::default(),
             last_rx_lookup_cleanup: already_happened(),
             streams_tx: Default::default(),
+            tx_midrids: Vec::new(),
             probe_tx: StreamTx::new_probe(mtu_warn),
             probe_media: None,
             default_ssrc_tx: 0.into(), // this will be changed
@@ -333,12 +339,15 @@ impl Streams {
         rtx: Option<Ssrc>,
         midrid: MidRid,
     ) -> &mut StreamTx {
-        self.streams_tx
-            .entry(ssrc)
-            .or_insert_with(|| StreamTx::new(ssrc, rtx, midrid, self.enable_stats, self.mtu_warn))
+        let tx_midrids = &mut self.tx_midrids;
+        self.streams_tx.entry(ssrc).or_insert_with(|| {
+            tx_midrids.push((midrid, ssrc));
+            StreamTx::new(ssrc, rtx, midrid, self.enable_stats, self.mtu_warn)
+        })
     }
 
     pub fn remove_stream_tx(&mut self, ssrc: Ssrc) -> bool {
+        self.tx_midrids.retain(|(_, s)| *s != ssrc);
         self.streams_tx.remove(&ssrc).is_some()
     }
 
@@ -672,7 +681,13 @@ impl Streams {
             self.probe_media?;
             return Some(&mut self.probe_tx);
         }
-        self.streams_tx.values_mut().find(|s| s.is_midrid(midrid))
+        // PATCH(parley): through the dense index (see `tx_midrids`).
+        let ssrc = self
+            .tx_midrids
+            .iter()
+            .find(|(m, _)| midrid.special_equals(m))?
+            .1;
+        self.streams_tx.get_mut(&ssrc)
     }
 
     pub(crate) fn stream_rx_by_midrid(&mut self, midrid: MidRid) -> Option<&mut StreamRx> {
@@ -681,6 +696,7 @@ impl Streams {
 
     pub(crate) fn remove_streams_by_mid(&mut self, mid: Mid) {
         self.streams_tx.retain(|_, s| s.mid() != mid);
+        self.tx_midrids.retain(|(m, _)| m.mid() != mid);
         self.streams_rx.retain(|_, s| s.mid() != mid);
         self.rx_lookup.retain(|_, v| v.mid != mid);
     }

@@ -1130,11 +1130,10 @@ impl StreamTx {
     fn create_sdes(&self) -> Option<Descriptions> {
         // CNAME is set on first handle_timeout. No SDES before that.
         let cname = self.cname.as_ref()?;
-        let mut s = Sdes {
+        let s = Sdes {
             ssrc: self.ssrc,
-            values: ReportList::new(),
+            values: vec![(SdesType::CNAME, cname.to_string())],
         };
-        s.values.push((SdesType::CNAME, cname.to_string()));
 
         let mut d = Descriptions {
             reports: Box::new(ReportList::new()),
@@ -1384,9 +1383,7 @@ impl StreamTx {
         self.reset_buffers();
     }
 
-    pub(crate) fn is_midrid(&self, midrid: MidRid) -> bool {
-        midrid.special_equals(&self.midrid)
-    }
+    // PATCH(parley): `is_midrid` is gone; `Streams::tx_midrids` answers lookups by Mid/Rid.
 }
 
 struct NextPacket<'a> {

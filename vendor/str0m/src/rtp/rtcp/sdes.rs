@@ -11,12 +11,18 @@ pub struct Descriptions {
     pub reports: Box<ReportList<Sdes>>,
 }
 
+/// Most values read from one chunk (as many as a `ReportList` held).
+pub const MAX_SDES_VALUES: usize = 31;
+
 /// A single source description (SDES).
 #[allow(missing_docs)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sdes {
     pub ssrc: Ssrc,
-    pub values: ReportList<(SdesType, String)>,
+    /// PATCH(parley): a `Vec` (up to [`MAX_SDES_VALUES`]) instead of a `ReportList`. A
+    /// `ReportList` of 31 of these lists made each `Descriptions` 31 KB, built on the stack,
+    /// copied to the heap and dropped whole for every sender report sent or received.
+    pub values: Vec<(SdesType, String)>,
 }
 
 /// Types of SDES values.
@@ -206,7 +212,7 @@ impl<'a> TryFrom<&'a [u8]> for Sdes {
         }
 
         let ssrc = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]).into();
-        let mut values = ReportList::new();
+        let mut values = Vec::new();
 
         let mut buf = &buf[4..];
         let mut abs = 0;
@@ -215,7 +221,7 @@ impl<'a> TryFrom<&'a [u8]> for Sdes {
             // SDES items are END-terminated rather than count-bounded, so a
             // malformed chunk could contain more than the ReportList capacity.
             // Stop at the cap rather than panicking on the 32nd push.
-            if values.is_full() {
+            if values.len() == MAX_SDES_VALUES {
                 break;
             }
 
@@ -291,7 +297,7 @@ mod test {
         let mut buf = vec![0; 1500];
 
         for i in 1usize..=255 {
-            let mut r = ReportList::new();
+            let mut r = Vec::new();
             r.push((
                 SdesType::CNAME,
                 String::from_utf8_lossy(&vec![b'a'; i][..]).to_string(),
@@ -308,7 +314,7 @@ mod test {
     fn cname_serialize_deserialize() {
         let mut s1 = Sdes {
             ssrc: 1.into(),
-            values: ReportList::new(),
+            values: Vec::new(),
         };
         s1.values.push((SdesType::CNAME, "abc123".into()));
 
