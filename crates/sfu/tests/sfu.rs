@@ -302,3 +302,44 @@ fn ice_restart_from_a_new_address_keeps_media_flowing() {
     assert!(w.received(bob, "ada", MediaKind::Video) > to_bob + 30);
     assert!(w.received(ada, "bob", MediaKind::Video) > to_ada + 30);
 }
+
+/// Forwarded audio carries transport-wide sequence numbers only while video goes to the
+/// participant (str0m patch 11): with audio alone its estimator is paused, and feedback on
+/// every audio packet would be work for both sides that feeds nothing.
+#[test]
+fn audio_carries_transport_wide_numbers_only_to_those_receiving_video() {
+    let mut w = World::new();
+    for n in NAMES {
+        w.join_audio_only(n, "room1");
+    }
+    w.run_until(Duration::from_secs(5), "audio from both others", |w| {
+        NAMES.iter().all(|me| {
+            NAMES
+                .iter()
+                .filter(|other| *other != me)
+                .all(|other| w.received(w.peer(me), other, MediaKind::Audio) > 10)
+        })
+    });
+    w.run(Duration::from_secs(2));
+    for n in NAMES {
+        let p = &w.peers[w.peer(n)];
+        assert!(p.received.values().sum::<u64>() > 100, "{n} receives audio");
+        assert_eq!(p.audio_with_twcc, 0, "{n} receives audio alone: no numbers");
+    }
+    // One of them turns a camera on: the other two now receive video, and with it audio with
+    // numbers; the one sending video still receives audio alone.
+    let (camera, others) = (NAMES[0], &NAMES[1..]);
+    let c = w.peer(camera);
+    w.add_video(c);
+    w.run_until(Duration::from_secs(5), "the camera's video", |w| {
+        others
+            .iter()
+            .all(|o| w.received(w.peer(o), camera, MediaKind::Video) > 10)
+    });
+    w.run(Duration::from_secs(2));
+    for o in others {
+        let n = w.peers[w.peer(o)].audio_with_twcc;
+        assert!(n > 20, "{o} receives video, so numbered audio: {n}");
+    }
+    assert_eq!(w.peers[c].audio_with_twcc, 0, "{camera} receives no video");
+}

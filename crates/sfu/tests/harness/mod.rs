@@ -48,6 +48,8 @@ pub struct Peer {
     pub candidate_after_answer: Option<SocketAddr>,
     pub audio_level: i8,
     pub sending: bool,
+    /// Audio packets received that carried a transport-wide sequence number.
+    pub audio_with_twcc: u64,
     pub frames_sent: u64,
     pub keyframe_requests: u64,
     pub rejected: Vec<String>,
@@ -210,23 +212,28 @@ impl World {
 
     /// A client that joins `room` sending one audio and one video track.
     pub fn join(&mut self, name: &str, room: &str) -> usize {
-        self.join_with(name, room, false)
+        self.join_with(name, room, false, true)
     }
 
     /// A client that joins sending audio and a camera in three simulcast layers.
     pub fn join_simulcast(&mut self, name: &str, room: &str) -> usize {
-        self.join_with(name, room, true)
+        self.join_with(name, room, true, true)
     }
 
     /// A client whose only audio codec is Opus, with or without RED (redundant audio).
     pub fn join_opus(&mut self, name: &str, room: &str, red: bool) -> usize {
         self.red = Some(red);
-        let idx = self.join_with(name, room, false);
+        let idx = self.join_with(name, room, false, true);
         self.red = None;
         idx
     }
 
-    fn join_with(&mut self, name: &str, room: &str, simulcast: bool) -> usize {
+    /// A client that joins `room` with a microphone and no camera.
+    pub fn join_audio_only(&mut self, name: &str, room: &str) -> usize {
+        self.join_with(name, room, false, false)
+    }
+
+    fn join_with(&mut self, name: &str, room: &str, simulcast: bool, video: bool) -> usize {
         let idx = self.peers.len();
         let addr: SocketAddr = (Ipv4Addr::new(10, 0, 1, idx as u8 + 1), 5000).into();
         let builder = match self.red {
@@ -253,13 +260,15 @@ impl World {
             }
             s
         });
-        let video = api.add_media(
-            MediaKind::Video,
-            Direction::SendOnly,
-            Some(name.into()),
-            None,
-            layers,
-        );
+        let video = video.then(|| {
+            api.add_media(
+                MediaKind::Video,
+                Direction::SendOnly,
+                Some(name.into()),
+                None,
+                layers,
+            )
+        });
         let (offer, pending) = api.apply().expect("changes");
         let session = SessionId(self.next_session);
         self.next_session += 1;
@@ -270,7 +279,7 @@ impl World {
             rtc,
             pending: Some(pending),
             audio_mid: Some(audio),
-            video_mids: vec![video],
+            video_mids: video.into_iter().collect(),
             connected: false,
             received: HashMap::new(),
             last_offer_id: None,
@@ -278,6 +287,7 @@ impl World {
             candidate_after_answer: None,
             audio_level: -127,
             sending: true,
+            audio_with_twcc: 0,
             frames_sent: 0,
             keyframe_requests: 0,
             rejected: Vec::new(),
@@ -637,6 +647,9 @@ impl Peer {
                             .entry((stream.clone(), *marker))
                             .or_default() += 1;
                     }
+                }
+                if media.kind() == MediaKind::Audio && d.ext_vals.transport_cc.is_some() {
+                    self.audio_with_twcc += 1;
                 }
                 *self.received.entry((stream, media.kind())).or_default() += 1;
             }
