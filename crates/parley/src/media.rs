@@ -740,10 +740,11 @@ impl Worker {
                     Ok(mut guard) => guard.clear_ready(),
                     Err(_) => break,
                 },
-                // A network device that cannot segment fails the message: without
+                // A network device that cannot segment fails a message of segments: without
                 // segmentation from now on, and the same datagrams again.
                 Err(err)
                     if self.segments > 1
+                        && self.sender.first_was_segmented()
                         && matches!(err.raw_os_error(), Some(libc::EIO | libc::EINVAL)) =>
                 {
                     tracing::info!(%err, "sending segmented datagrams failed; sending them one by one");

@@ -158,6 +158,12 @@ impl Sender {
         }
         Ok(runs[..sent as usize].iter().map(|r| r.count).sum())
     }
+
+    /// Whether the first message of the last [`Sender::send`] that sent any carried segments
+    /// (the one its error, if any, is about).
+    pub fn first_was_segmented(&self) -> bool {
+        self.runs[0].count > 1
+    }
 }
 
 fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
@@ -327,6 +333,7 @@ mod tests {
             .send(tx.as_raw_fd(), &items, as_datagram, MAX_SEGMENTS)
             .expect("sent");
         assert_eq!(sent, items.len(), "the order is kept: every datagram goes");
+        assert!(!sender.first_was_segmented());
         // Interleaved destinations make every datagram a message of its own.
         let mut buf = vec![0u8; 65_536];
         for (i, len) in lens.iter().enumerate() {
@@ -341,6 +348,7 @@ mod tests {
             .send(tx.as_raw_fd(), &items, as_datagram, MAX_SEGMENTS)
             .expect("sent");
         assert_eq!(sent, items.len());
+        assert!(sender.first_was_segmented());
         for (i, len) in lens.iter().enumerate() {
             let n = plain.recv(&mut buf).expect("received");
             assert_eq!(&buf[..n], &vec![i as u8; *len][..], "datagram {i}");
