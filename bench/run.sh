@@ -5,7 +5,7 @@
 #
 #   bench/run.sh [--quick] [--duration S] [--audio-calls C] [--viewers V]
 #                [--targets parley,janus,floor] [--scenarios audio,screen,storm]
-#                [--out DIR] [--no-build]
+#                [--rounds R] [--out DIR] [--no-build]
 #
 # Scenarios:
 #   audio   --calls C --users-per-call 10 --unmuted 2             (C = --audio-calls, default 10)
@@ -14,13 +14,22 @@
 # --quick shrinks every scenario to a few users and seconds: a smoke test that each adapter
 # works end to end (well under 2 minutes after the build).
 #
-# Raw output of each run: DIR/<scenario>-<target>.txt (lt's stdout: table + JSON line), its
-# stderr and the server's log next to it as .log files (ignored by git). DIR defaults to
-# bench/out/<YYYY-MM-DD>. At the end, one JSON line per scenario on stdout (also written to
-# DIR/summary.jsonl):
+# --rounds R (default 1) repeats the whole sequence R times, the targets of a scenario one after
+# the other in each round. On a shared host whose steal time comes and goes, the medians of R
+# rounds, and ratios taken within each round, are steadier than a single pass.
+#
+# Raw output of each run: DIR/<scenario>-<target>.txt (lt's stdout: table + JSON line; with
+# rounds, DIR/<scenario>-<target>.r<K>.txt), its stderr and the server's log next to it as .log
+# files (ignored by git). DIR defaults to bench/out/<YYYY-MM-DD>. At the end, one JSON line per
+# scenario on stdout (also written to DIR/summary.jsonl):
 #   {"scenario":..,"parley_us_per_pkt":..,"janus_us_per_pkt":..,"floor_us_per_pkt":..,
 #    "parley_join_ms_p99":..,"janus_join_ms_p99":..,"floor_join_ms_p99":..,
-#    "<target>_loss_pct":..,"<target>_rx_pps":..,"errors":{"<target>":"..."}}
+#    "<target>_loss_pct":..,"<target>_rx_pps":..,"<target>_steal_pct":..,
+#    "rounds":R,"parley_per_janus":[..],"parley_per_floor":[..],"errors":{"<target>":"..."}}
+# With rounds, each figure is the median over the rounds (the worst for loss and join p99),
+# and parley_per_janus / parley_per_floor list the ratio of each round. <target>_steal_pct is
+# the steal time of the server's CPU while lt ran (from /proc/stat): a figure measured under
+# much steal measures the host more than the server.
 # A run that fails (no JSON, lt exits non-zero, fewer users connected than asked for, or no
 # media received) is recorded with its error and the script goes on; the exit status is then 1. Values of a run whose lt printed JSON but exited non-zero
 # (some users failed) are kept, with the error.
@@ -35,6 +44,7 @@ viewers=30
 targets=parley,janus,floor
 scenarios=audio,screen,storm
 quick=0
+rounds=1
 build=1
 out=""
 
@@ -48,6 +58,7 @@ while [[ $# -gt 0 ]]; do
         --viewers) need "$@"; viewers=$2; shift 2 ;;
         --targets) need "$@"; targets=$2; shift 2 ;;
         --scenarios) need "$@"; scenarios=$2; shift 2 ;;
+        --rounds) need "$@"; rounds=$2; shift 2 ;;
         --out) need "$@"; out=$2; shift 2 ;;
         --no-build) build=0; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -59,10 +70,18 @@ done
 # server gets one core to itself and the tester's own work does not blur its figures.
 pin_server=()
 pin_lt=()
+server_cpu=cpu
 if command -v taskset >/dev/null && [[ $(nproc) -ge 2 ]]; then
     pin_server=(taskset -c 1)
     pin_lt=(taskset -c 0)
+    server_cpu=cpu1
 fi
+[[ $rounds =~ ^[1-9][0-9]*$ ]] || { echo "--rounds needs a positive number" >&2; exit 2; }
+
+# The total and steal jiffies of the server's CPU, from /proc/stat.
+cpu_jiffies() {
+    awk -v cpu="$server_cpu" '$1 == cpu { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9 }' /proc/stat
+}
 
 out=${out:-bench/out/$(date +%F)}
 mkdir -p "$out"
@@ -179,15 +198,19 @@ if [[ $build == 1 ]]; then
     cargo build --release -p parley -p parley-floor || { log "build failed"; exit 1; }
 fi
 
+for round in $(seq "$rounds"); do
 for s in ${scenarios//,/ }; do
     read -r -a args <<<"$(scenario_args "$s")"
     for t in ${targets//,/ }; do
-        txt=$out/$s-$t.txt
-        errf=$out/$s-$t.stderr.log
-        slog=$out/$s-$t.server.log
+        name=$s-$t
+        [[ $rounds == 1 ]] || name=$s-$t.r$round
+        txt=$out/$name.txt
+        errf=$out/$name.stderr.log
+        slog=$out/$name.server.log
         rc=0
         url=""
-        log "$s / $t: starting the server"
+        steal=""
+        log "round $round/$rounds, $s / $t: starting the server"
         if ! start_server "$t" "$slog"; then
             log "$s / $t: the server did not start (see $slog)"
             echo "server did not start: $(tail -n 3 "$slog" 2>/dev/null | tr '\n' ' ')" >"$errf"
@@ -195,10 +218,15 @@ for s in ${scenarios//,/ }; do
             rc=99
         else
             log "$s / $t: parley lt ${args[*]} --target $t --url $url --server-pid $server_pid"
+            read -r total0 steal0 < <(cpu_jiffies)
             # Generous limit: joins + steady window + shutdown.
             timeout 600 "${pin_lt[@]}" target/release/parley lt "${args[@]}" --target "$t" --url "$url" \
                 --server-pid "$server_pid" >"$txt" 2>"$errf"
             rc=$?
+            read -r total1 steal1 < <(cpu_jiffies)
+            if [[ $total1 -gt $total0 ]]; then
+                steal=$(( (steal1 - steal0) * 100 / (total1 - total0) ))
+            fi
             if ! kill -0 "$server_pid" 2>/dev/null; then
                 echo "the server exited during the run (see $slog)" >>"$errf"
                 [[ $rc == 0 ]] && rc=98
@@ -206,19 +234,21 @@ for s in ${scenarios//,/ }; do
         fi
         stop_server
         [[ $rc == 0 ]] || log "$s / $t: failed (exit $rc), see $errf"
-        printf '%s\t%s\t%s\t%s\t%s\n' "$s" "$t" "$rc" "$txt" "$errf" >>"$manifest"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$t" "$rc" "$txt" "$errf" "$round" "$steal" >>"$manifest"
     done
+done
 done
 
 python3 - "$manifest" "$out/summary.jsonl" "$targets" <<'PY'
-import json, re, sys
+import json, re, statistics, sys
 
 manifest, summary_path, targets = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+# runs[scenario][target] = [(round, result, error, steal_pct), ...]
 runs = {}
 order = []
 failed = False
 for line in open(manifest):
-    scenario, target, rc, txt, errf = line.rstrip("\n").split("\t")
+    scenario, target, rc, txt, errf, rnd, steal = line.rstrip("\n").split("\t")
     if scenario not in runs:
         runs[scenario] = {}
         order.append(scenario)
@@ -250,22 +280,54 @@ for line in open(manifest):
         lines = [l for l in lines if l]
         why = lines[-1] if lines else "no output"
         error = error or (f"exit {rc}: {why}" if rc != "0" else f"no JSON line: {why}")
-    runs[scenario][target] = (result, error)
+    runs[scenario].setdefault(target, []).append(
+        (int(rnd), result or {}, error, int(steal) if steal else None)
+    )
 
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def worst(values):
+    values = [v for v in values if v is not None]
+    return max(values) if values else None
+
+
+def per_round(scenario, a, b):
+    """The ratio a/b of CPU per packet within each round where both measured."""
+    by_round = {}
+    for t in (a, b):
+        for rnd, r, _, _ in runs[scenario].get(t, []):
+            by_round.setdefault(rnd, {})[t] = r.get("server_cpu_us_per_pkt")
+    return [
+        round(v[a] / v[b], 3)
+        for _, v in sorted(by_round.items())
+        if v.get(a) and v.get(b)
+    ]
+
+
+rounds = max(rnd for s in runs.values() for t in s.values() for rnd, *_ in t)
 with open(summary_path, "w") as out:
     for scenario in order:
         row = {"scenario": scenario}
         errors = {}
         for t in dict.fromkeys(["parley", "janus", "floor"] + targets):
-            result, error = runs[scenario].get(t, (None, None))
-            r = result or {}
-            row[f"{t}_us_per_pkt"] = r.get("server_cpu_us_per_pkt")
-            row[f"{t}_join_ms_p99"] = r.get("join_ms_p99")
-            row[f"{t}_loss_pct"] = r.get("loss_pct")
-            row[f"{t}_rx_pps"] = r.get("rx_pps")
-            row[f"{t}_rss_mb"] = r.get("server_rss_mb")
-            if error:
-                errors[t] = error
+            results = runs[scenario].get(t, [])
+            rs = [r for _, r, _, _ in results]
+            row[f"{t}_us_per_pkt"] = median(r.get("server_cpu_us_per_pkt") for r in rs)
+            row[f"{t}_join_ms_p99"] = worst(r.get("join_ms_p99") for r in rs)
+            row[f"{t}_loss_pct"] = worst(r.get("loss_pct") for r in rs)
+            row[f"{t}_rx_pps"] = median(r.get("rx_pps") for r in rs)
+            row[f"{t}_rss_mb"] = median(r.get("server_rss_mb") for r in rs)
+            row[f"{t}_steal_pct"] = median(st for *_, st in results)
+            errs = [f"round {rnd}: {e}" if rounds > 1 else e for rnd, _, e, _ in results if e]
+            if errs:
+                errors[t] = "; ".join(errs)
+        row["rounds"] = rounds
+        row["parley_per_janus"] = per_round(scenario, "parley", "janus")
+        row["parley_per_floor"] = per_round(scenario, "parley", "floor")
         row["errors"] = errors
         line = json.dumps(row)
         print(line)
