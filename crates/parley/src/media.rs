@@ -742,11 +742,7 @@ impl Worker {
                 },
                 // A network device that cannot segment fails a message of segments: without
                 // segmentation from now on, and the same datagrams again.
-                Err(err)
-                    if self.segments > 1
-                        && self.sender.first_was_segmented()
-                        && matches!(err.raw_os_error(), Some(libc::EIO | libc::EINVAL)) =>
-                {
+                Err(err) if self.segments > 1 && self.sender.segmentation_refused(&err) => {
                     tracing::info!(%err, "sending segmented datagrams failed; sending them one by one");
                     self.segments = 1;
                 }

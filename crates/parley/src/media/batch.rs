@@ -164,6 +164,14 @@ impl Sender {
     pub fn first_was_segmented(&self) -> bool {
         self.runs[0].count > 1
     }
+
+    /// Whether `err`, from the last [`Sender::send`], says that this path takes no segments
+    /// (`EIO`: a route through IPsec, a device without checksum offload on older kernels;
+    /// `EINVAL`: a socket without UDP checksums, a segment larger than the path's MTU). Only a
+    /// message that carried segments tells that; a single datagram's `EINVAL` is its own.
+    pub fn segmentation_refused(&self, err: &io::Error) -> bool {
+        self.first_was_segmented() && matches!(err.raw_os_error(), Some(libc::EIO | libc::EINVAL))
+    }
 }
 
 fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
@@ -357,5 +365,52 @@ mod tests {
         assert_eq!(first, 3400, "the first run arrives in one piece");
         let second = coalescing.recv(&mut buf).expect("received");
         assert_eq!(second, 2000, "the second run too");
+    }
+
+    /// A socket without UDP checksums (`SO_NO_CHECK`) is one the kernel refuses segments on,
+    /// as it does on an IPsec route: the refusal is told apart from a datagram's own error,
+    /// and the same datagrams then go one by one, in order.
+    #[test]
+    fn a_path_that_refuses_segments_is_told_apart() {
+        let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt with a pointer to an int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                tx.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                (&on as *const libc::c_int).cast(),
+                mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_NO_CHECK: {}", io::Error::last_os_error());
+        let items: Vec<_> = (0..4u8).map(|i| (v4(&rx), None, vec![i; 500])).collect();
+        let mut sender = Sender::new();
+        let err = sender
+            .send(tx.as_raw_fd(), &items, as_datagram, MAX_SEGMENTS)
+            .expect_err("the kernel refuses segments without checksums");
+        assert!(sender.segmentation_refused(&err), "{err}");
+        let sent = sender
+            .send(tx.as_raw_fd(), &items, as_datagram, 1)
+            .expect("sent one by one");
+        assert_eq!(sent, items.len());
+        let mut buf = [0u8; 1024];
+        for (i, item) in items.iter().enumerate() {
+            let n = rx.recv(&mut buf).expect("received");
+            assert_eq!(&buf[..n], &item.2[..], "datagram {i}");
+        }
+        // A single datagram's EINVAL (port 0) is not a refusal of segments.
+        let bad = [(
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            None,
+            vec![0u8; 10],
+        )];
+        let err = sender
+            .send(tx.as_raw_fd(), &bad, as_datagram, MAX_SEGMENTS)
+            .expect_err("port 0 is refused");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+        assert!(!sender.segmentation_refused(&err));
     }
 }
