@@ -1,4 +1,6 @@
 use std::collections::{HashMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 use std::fmt::{self};
 use std::sync::Arc;
 use std::time::Duration;
@@ -134,7 +136,11 @@ pub(crate) struct Streams {
     last_rx_lookup_cleanup: Instant,
 
     /// All outgoing encoded streams.
-    streams_tx: HashMap<Ssrc, StreamTx>,
+    ///
+    /// PATCH(parley): hashed with FxHash instead of SipHash. Looked up by SSRC once or twice
+    /// for every sent packet; the SSRCs are our own (random), so nobody can choose colliding
+    /// keys.
+    streams_tx: FxHashMap<Ssrc, StreamTx>,
 
     /// PATCH(parley): the Mid/Rid of each send stream, in the order they were declared. A
     /// lookup by Mid/Rid (once or twice per sent packet) scans this short, dense list instead
