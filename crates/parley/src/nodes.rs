@@ -40,9 +40,11 @@ use crate::metrics::Metrics;
 /// Largest message on a node link (an SDP with many m-lines is tens of KB).
 pub const MAX_MESSAGE: usize = 16 << 20;
 /// Signaling pings every node this often...
-const PING_EVERY: Duration = Duration::from_secs(5);
-/// ...and either side drops a link that carried nothing for this long.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+const PING_EVERY: Duration = Duration::from_secs(2);
+/// ...and either side drops a link that carried nothing for this long (a node that vanished
+/// without closing its connection: power lost, network cut, process frozen), or on which a
+/// send could not be handed to the kernel for as long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
 /// A node must say hello this soon after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -534,12 +536,14 @@ pub async fn serve_node(mut socket: WebSocket, nodes: NodeAcceptor) {
                         continue;
                     }
                 };
-                if socket.send(Message::Text(text.into())).await.is_err() {
+                if let Err(err) = bounded(socket.send(Message::Text(text.into()))).await {
+                    tracing::warn!(node = %name, %err, "sending to a media node failed");
                     break;
                 }
             }
             _ = ping.tick() => {
-                if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                if let Err(err) = bounded(socket.send(Message::Ping(bytes::Bytes::new()))).await {
+                    tracing::warn!(node = %name, %err, "sending to a media node failed");
                     break;
                 }
             }
@@ -799,8 +803,8 @@ async fn link(
                     sessions.remove(session);
                 }
                 let text = serde_json::to_string(&ev).context("serializing a media event")?;
-                if let Err(err) = ws.send(tungstenite::Message::Text(text.into())).await {
-                    return Ok(LinkEnd::Lost(err.to_string()));
+                if let Err(err) = bounded(ws.send(tungstenite::Message::Text(text.into()))).await {
+                    return Ok(LinkEnd::Lost(err));
                 }
             }
             _ = signals.recv() => {
@@ -834,9 +838,19 @@ async fn link(
 
 async fn send_json(ws: &mut NodeSocket, msg: &impl Serialize) -> Result<(), String> {
     let text = serde_json::to_string(msg).map_err(|e| e.to_string())?;
-    ws.send(tungstenite::Message::Text(text.into()))
-        .await
-        .map_err(|e| e.to_string())
+    bounded(ws.send(tungstenite::Message::Text(text.into()))).await
+}
+
+/// A send on a node link, given up after [`IDLE_TIMEOUT`]: toward a peer that stopped reading
+/// (frozen, or cut off without a reset), it would otherwise wait as long as TCP retransmits,
+/// and the link's idle check with it.
+async fn bounded<E: std::fmt::Display>(
+    send: impl std::future::Future<Output = Result<(), E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(IDLE_TIMEOUT, send).await {
+        Ok(res) => res.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("the peer took nothing for {IDLE_TIMEOUT:?}")),
+    }
 }
 
 /// Closes every session locally: signaling has failed them over already.

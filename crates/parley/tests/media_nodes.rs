@@ -188,6 +188,26 @@ async fn a_wrong_node_secret_is_refused_and_offers_without_nodes_are_rejected() 
 
 #[tokio::test]
 async fn losing_a_node_closes_its_sessions_while_the_other_call_goes_on() {
+    lose_a_node(Loss::Killed).await;
+}
+
+/// A node that stops answering without closing its connection (here frozen with SIGSTOP; as
+/// a host that lost power or its network) is dropped after the links' idle timeout.
+#[tokio::test]
+async fn a_node_gone_silent_is_dropped_within_seconds() {
+    lose_a_node(Loss::Frozen).await;
+}
+
+enum Loss {
+    /// SIGKILL: the kernel closes the node's connection at once.
+    Killed,
+    /// SIGSTOP: the connection stays open, and nothing comes through it.
+    Frozen,
+}
+
+/// Two calls, one on each of two nodes; node-a is lost: its sessions are closed and the call
+/// on node-b goes on.
+async fn lose_a_node(how: Loss) {
     tokio::time::timeout(LONG_TEST, async {
         let server = signaling().await;
         let mut a = MediaNode::spawn(server.http, SECRET, "node-a");
@@ -206,13 +226,30 @@ async fn losing_a_node_closes_its_sessions_while_the_other_call_goes_on() {
             wait_metrics(node.http, "media flowing", |t| audio_in(t) > 0.0).await;
         }
 
-        a.child.kill().expect("kill node-a");
-        let _ = a.child.wait();
+        let lost_at = std::time::Instant::now();
+        match how {
+            Loss::Killed => {
+                a.child.kill().expect("kill node-a");
+                let _ = a.child.wait();
+            }
+            Loss::Frozen => {
+                // SAFETY: a plain signal to our own child process.
+                let rc = unsafe { libc::kill(a.child.id() as libc::pid_t, libc::SIGSTOP) };
+                assert_eq!(rc, 0, "SIGSTOP node-a");
+            }
+        }
         let text = wait_metrics(server.http, "node-a's sessions closed", |t| {
             metric(t, "parley_media_nodes") == Some(1.0)
                 && metric(t, "parley_sessions_active") == Some(3.0)
         })
         .await;
+        let noticed = lost_at.elapsed();
+        // The idle timeout is 6 s; a ping every 2 s.
+        assert!(
+            noticed < Duration::from_secs(9),
+            "node-a's loss noticed after {noticed:?}"
+        );
+        eprintln!("node-a's loss noticed after {noticed:?}");
         assert_eq!(node_sessions(&text, "node-a"), None, "{text}");
         assert_eq!(node_sessions(&text, "node-b"), Some(3.0), "{text}");
 
