@@ -455,6 +455,10 @@ impl Worker {
         let has_tcp = lead.tcp.is_some();
         let mut export = tokio::time::interval(Duration::from_secs(1));
         let mut due_in_a_row = 0;
+        // One timer for the whole loop, moved only when the deadline moves: a new one each
+        // round was a registration in the runtime's wheel and a removal, per wakeup.
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(sleep);
         loop {
             let timeout = self
                 .sfu
@@ -471,6 +475,10 @@ impl Worker {
                 continue;
             }
             due_in_a_row = 0;
+            let deadline = tokio::time::Instant::from_std(timeout);
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
             tokio::select! {
                 cmd = commands.recv() => {
                     let Some(cmd) = cmd else { break };
@@ -495,7 +503,7 @@ impl Worker {
                     }
                 }
                 Some(ev) = async { lead.tcp.as_mut()?.recv().await }, if has_tcp => self.tcp_event(ev),
-                _ = tokio::time::sleep_until(timeout.into()) => {
+                _ = &mut sleep => {
                     self.sfu.handle_timeout(Instant::now());
                 }
                 _ = export.tick() => {
