@@ -355,7 +355,9 @@ const SEND_BATCH: usize = 512;
 const MAX_DUE_IN_A_ROW: u32 = 64;
 /// One read: a datagram, or up to 64 that the kernel coalesced (quinn-udp turns `UDP_GRO` on;
 /// a network card's GRO then merges a sender's burst, and a shorter buffer would cut it off).
-const BUF: usize = 1 << 16;
+/// One cache line more than 64 KB: with a power-of-two stride every buffer of a batch would
+/// start in the same cache set, and the datagrams of one read would evict each other.
+const BUF: usize = (1 << 16) + 64;
 
 /// Worker 0's reading side: the dispatch table and the hand-over to the other workers.
 struct Reader {
