@@ -254,6 +254,27 @@ mod tests {
         }
     }
 
+    /// Sets the integer socket option `level`/`name` of `socket` to 1.
+    fn turn_on(socket: &UdpSocket, level: libc::c_int, name: libc::c_int) {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt with a pointer to an int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                level,
+                name,
+                (&on as *const libc::c_int).cast(),
+                mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "setsockopt {level}/{name}: {}",
+            io::Error::last_os_error()
+        );
+    }
+
     fn as_datagram(d: &(SocketAddrV4, Option<Ipv4Addr>, Vec<u8>)) -> Option<Datagram<'_>> {
         Some(Datagram {
             destination: d.0,
@@ -317,18 +338,7 @@ mod tests {
         let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let plain = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let coalescing = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let on: libc::c_int = 1;
-        // SAFETY: setsockopt with a pointer to an int and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                coalescing.as_raw_fd(),
-                libc::SOL_UDP,
-                libc::UDP_GRO,
-                (&on as *const libc::c_int).cast(),
-                mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "UDP_GRO: {}", io::Error::last_os_error());
+        turn_on(&coalescing, libc::SOL_UDP, libc::UDP_GRO);
         let mut sender = Sender::new();
         let lens = [1000, 1000, 1000, 400, 1000, 1000];
         let mut items = Vec::new();
@@ -374,18 +384,7 @@ mod tests {
     fn a_path_that_refuses_segments_is_told_apart() {
         let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let on: libc::c_int = 1;
-        // SAFETY: setsockopt with a pointer to an int and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                tx.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NO_CHECK,
-                (&on as *const libc::c_int).cast(),
-                mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_NO_CHECK: {}", io::Error::last_os_error());
+        turn_on(&tx, libc::SOL_SOCKET, libc::SO_NO_CHECK);
         let items: Vec<_> = (0..4u8).map(|i| (v4(&rx), None, vec![i; 500])).collect();
         let mut sender = Sender::new();
         let err = sender
