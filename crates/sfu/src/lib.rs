@@ -372,11 +372,11 @@ impl Sfu {
                     }
                 }
             }
-            // Subscribe the newcomer to every track already published in the room.
+            // Subscribe the newcomer to every track already offered in the room.
             let members = self.rooms.entry(room).or_default();
             for other in members.iter().filter(|_| grants.subscribe) {
                 if let Some(o) = self.sessions.get(other) {
-                    for t in &o.tracks_in {
+                    for t in o.tracks_in.iter().filter(|t| t.received_any) {
                         session.tracks_out.push(TrackOut::new(
                             *other,
                             t.mid,
@@ -410,14 +410,12 @@ impl Sfu {
             .filter_map(|l| l.strip_prefix("a=mid:"))
             .map(|m| Mid::from(m.trim()))
             .collect();
-        let mut published = Vec::new();
         match session.accept_offer(offer, &mids) {
-            Ok((answer, tracks)) => {
+            Ok(answer) => {
                 self.events.push_back(MediaEvent::Answer {
                     session: sid,
                     sdp: answer,
                 });
-                published = tracks;
             }
             Err(reason) => {
                 self.events.push_back(MediaEvent::SdpRejected {
@@ -432,9 +430,6 @@ impl Sfu {
         }
         self.by_ufrag.insert(new_ufrag, sid);
         self.mark(sid);
-        for (mid, kind) in published {
-            self.publish(sid, mid, kind);
-        }
     }
 
     fn handle_answer(&mut self, sid: SessionId, id: u64, sdp: &str, now: Instant) {
@@ -556,7 +551,7 @@ impl Sfu {
         }
     }
 
-    /// A session started publishing a track: offer it to everyone else in the room.
+    /// A session's track carried its first packet: offer it to everyone else in the room.
     fn publish(&mut self, sid: SessionId, mid: Mid, kind: MediaKind) {
         let Some(session) = self.sessions.get(&sid) else {
             return;

@@ -75,7 +75,10 @@ pub(crate) struct TrackIn {
     pub layers: Vec<LayerIn>,
     /// The rids last asked of the publisher (dynacast).
     pub active_sent: Option<Vec<Rid>>,
-    received_any: bool,
+    /// A packet of this track arrived. Only then is it offered to the others: a track that
+    /// never carries media (the microphone of a participant who joined muted and never
+    /// spoke) would cost each of them a media section, a renegotiation and a send stream.
+    pub received_any: bool,
 }
 
 pub(crate) struct LayerIn {
@@ -259,6 +262,7 @@ impl TrackOut {
 /// What one round of polling a session produced that concerns other sessions.
 pub(crate) struct PollOut {
     pub timeout: Instant,
+    /// Tracks whose first packet arrived: to be offered to the room.
     pub tracks_added: Vec<(Mid, MediaKind)>,
     pub tracks_removed: Vec<Mid>,
     /// (publisher, its mid, rid, kind) to ask for a keyframe.
@@ -428,11 +432,7 @@ impl Session {
 
     /// Accepts the participant's offer. An offer of ours still outstanding is rolled back (we
     /// are the polite peer) and its changes are offered again later.
-    pub fn accept_offer(
-        &mut self,
-        offer: SdpOffer,
-        mids: &[Mid],
-    ) -> Result<(String, Vec<(Mid, MediaKind)>), String> {
+    pub fn accept_offer(&mut self, offer: SdpOffer, mids: &[Mid]) -> Result<String, String> {
         if self.pending.take().is_some() {
             tracing::debug!(session = %self.id, "glare: rolling back our offer");
             self.rollback_tracks();
@@ -443,9 +443,8 @@ impl Session {
             .accept_offer(offer)
             .map_err(|e| format!("offer refused: {e}"))?;
         self.negotiated = true;
-        // Publish the participant's tracks now rather than when str0m reports them (after
-        // ICE and DTLS), so the others can negotiate them while this one connects.
-        let mut published = Vec::new();
+        // Register the participant's tracks now rather than when str0m reports them (after
+        // ICE and DTLS); each is offered to the others from its first packet on.
         for mid in mids {
             let Some(media) = self.rtc.media(*mid) else {
                 continue;
@@ -458,10 +457,9 @@ impl Session {
                 tracing::debug!(session = %self.id, %mid, ?kind, "track published");
                 let source = self.source_of(*mid, kind);
                 self.tracks_in.push(TrackIn::new(*mid, kind, source));
-                published.push((*mid, kind));
             }
         }
-        Ok((answer.to_sdp_string(), published))
+        Ok(answer.to_sdp_string())
     }
 
     /// Accepts the answer to our offer `id`; returns the tracks that opened. An answer to an
@@ -678,7 +676,6 @@ impl Session {
                 tracing::debug!(session = %self.id, mid = %m.mid, kind = ?m.kind, "track published");
                 let source = self.source_of(m.mid, m.kind);
                 self.tracks_in.push(TrackIn::new(m.mid, m.kind, source));
-                out.tracks_added.push((m.mid, m.kind));
             }
             Event::EgressBitrateEstimate(BweKind::Twcc {
                 estimate,
@@ -705,6 +702,7 @@ impl Session {
                         session = %self.id, %mid, kind = ?track.kind,
                         audio_level = ?pkt.header.ext_vals.audio_level, "first packet received"
                     );
+                    out.tracks_added.push((mid, track.kind));
                 }
                 let kind = track.kind;
                 track.layer_mut(rid).count(pkt.payload.len(), now);

@@ -119,6 +119,48 @@ fn late_joiner_gets_existing_tracks() {
 }
 
 #[test]
+fn a_track_is_offered_from_its_first_packet() {
+    let mut w = World::new();
+    let ada = w.join("ada", "r");
+    // Bob joins with his microphone and camera muted: tracks that send nothing.
+    let bob = w.join("bob", "r");
+    w.peers[bob].sending = false;
+    let ada_session = w.peers[ada].session;
+    let offers_to_ada_with_bob = |w: &World| {
+        w.events
+            .iter()
+            .filter(|e| {
+                matches!(e, MediaEvent::Offer { session, sdp, .. }
+                    if *session == ada_session && sdp.contains("a=msid:bob "))
+            })
+            .count()
+    };
+    w.run_until(Duration::from_secs(5), "bob receives ada", |w| {
+        w.received(bob, "ada", MediaKind::Audio) > 0 && w.received(bob, "ada", MediaKind::Video) > 0
+    });
+    w.run(Duration::from_secs(2));
+    assert_eq!(
+        offers_to_ada_with_bob(&w),
+        0,
+        "ada was offered bob's tracks before they carried a packet"
+    );
+    // Bob unmutes: his tracks reach ada.
+    w.peers[bob].sending = true;
+    let took = w.run_until(Duration::from_secs(5), "ada receives bob", |w| {
+        w.received(ada, "bob", MediaKind::Audio) > 0 && w.received(ada, "bob", MediaKind::Video) > 0
+    });
+    eprintln!("ada receiving bob {took:?} after he started sending");
+    assert!(offers_to_ada_with_bob(&w) >= 1);
+    // A newcomer gets bob's tracks in its first offer, now that they carry media.
+    let cy = w.join("cy", "r");
+    w.run_until(Duration::from_secs(5), "cy receives both", |w| {
+        ["ada", "bob"].iter().all(|n| {
+            w.received(cy, n, MediaKind::Audio) > 0 && w.received(cy, n, MediaKind::Video) > 0
+        })
+    });
+}
+
+#[test]
 fn renegotiation_adds_a_track_for_everyone() {
     let mut w = World::new();
     for n in NAMES {
