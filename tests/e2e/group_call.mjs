@@ -1,6 +1,7 @@
 // Three people join one room in real headless Chromium (fake camera and microphone): everyone
-// sees and hears the two others, a mute shows on the others' screens, a leave removes the tile
-// and the rest keep talking. Prints join → first remote frame times.
+// sees and hears the two others, a mute shows on the others' screens and stops the audio, a leave
+// removes the tile and the rest keep talking, and a fourth who joins muted is heard once it
+// unmutes. Prints join → first remote frame times.
 //
 //   node tests/e2e/group_call.mjs          (PARLEY_BIN, CHROMIUM override the binaries)
 import { randomBytes } from "node:crypto";
@@ -212,6 +213,32 @@ await runTest("group_call", {
     }
     log(`mute of ${u1.name} shown on ${u2.name} and ${u3.name}`);
 
+    // A muted microphone sends nothing (the SDK takes the track off its sender); unmuting
+    // brings the audio back without renegotiation.
+    const audioOf = async (u, other) => (await u.page.evaluate(pageSnapshot)).audio[other.id] || 0;
+    await sleep(500); // packets already on their way
+    const mutedAt = await audioOf(u2, u1);
+    await sleep(1500);
+    const whileMuted = (await audioOf(u2, u1)) - mutedAt;
+    if (whileMuted > 5) throw new Error(`${u2.name} got ${whileMuted} audio packets of ${u1.name} in 1.5 s of mute`);
+    // Unmuted through the client (what the button calls), to time it without the click's own
+    // latency in a busy browser.
+    const unmuteNow = (u) => u.page.evaluate(() => {
+      const t = Date.now();
+      window.parley.client.setMuted({ audio: false });
+      return t;
+    });
+    const unmute1At = await unmuteNow(u1);
+    await u1.page.getByRole("button", { name: "Mute", exact: true }).waitFor({ timeout: 2000 });
+    await waitFor(async () => (await audioOf(u2, u1)) > mutedAt + whileMuted, { timeoutMs: 5000, intervalMs: 20, message: "audio after unmute" });
+    console.log(`UNMUTE_TO_AUDIO_MS ${Date.now() - unmute1At} (a track already offered)`);
+    await waitFor(async () => (await audioOf(u2, u1)) > mutedAt + whileMuted + 25, {
+      timeoutMs: 5000,
+      intervalMs: 100,
+      message: `${u2.name} to receive ${u1.name}'s audio again after the unmute`,
+    });
+    log(`${u2.name} got ${whileMuted} audio packets of ${u1.name} in 1.5 s of mute, and audio again after the unmute`);
+
     // Camera off on page 2 shows on pages 1 and 3; camera on again clears it.
     await u2.page.getByRole("button", { name: "Camera off", exact: true }).click();
     await u2.page.getByRole("button", { name: "Camera on", exact: true }).waitFor({ timeout: 2000 });
@@ -254,6 +281,49 @@ await runTest("group_call", {
       { timeoutMs: 12000, intervalMs: 500, message: "RTCP loss/RTT/jitter samples in /metrics" },
     );
     log("RTCP loss, RTT and jitter histograms have samples");
+
+    // User4 joins with the microphone muted: the others see its video, and are offered no audio
+    // track of it (nothing was sent) until it unmutes; then they hear it.
+    const d = { name: "User4", id: null };
+    d.context = await browser.newContext();
+    d.page = await d.context.newPage();
+    d.page.on("console", (m) => consoleLines.push(`[${d.name}] ${m.type()}: ${m.text()}`));
+    await d.page.addInitScript(installFrameWatcher);
+    users.push(d);
+    await d.page.goto(`${server.url}/r/${room}?name=${d.name}&autojoin=1&muted=1`, { waitUntil: "domcontentloaded" });
+    await waitFor(
+      async () => {
+        d.id = (await d.page.evaluate(pageSnapshot)).participantId;
+        if (!d.id) return false;
+        const s = await Promise.all([u1, u2].map((u) => u.page.evaluate(pageSnapshot)));
+        const dSnap = await d.page.evaluate(pageSnapshot);
+        return s.every((x) => x.video[d.id] > 0) && [u1, u2].every((u) => dSnap.audio[u.id] > 0);
+      },
+      { timeoutMs: MEDIA_TIMEOUT_MS, intervalMs: 100, message: `${d.name} (muted) and the others to exchange video, and ${d.name} to hear them` },
+    );
+    const audioTracksOf = (u, id) =>
+      u.page.evaluate((pid) => [...window.parley.client.remoteTracks.values()].filter((i) => i.participantId === pid && i.track.kind === "audio").length, id);
+    await sleep(1000);
+    for (const u of [u1, u2]) {
+      const n = await audioTracksOf(u, d.id);
+      if (n !== 0) throw new Error(`${u.name} was offered ${n} audio track(s) of ${d.name}, who joined muted and sent none`);
+      if ((await audioOf(u, d)) !== 0) throw new Error(`${u.name} received audio of ${d.name}, who joined muted`);
+    }
+    await d.page.getByRole("button", { name: "Unmute", exact: true }).waitFor({ timeout: 2000 });
+    const unmuteAt = await unmuteNow(d);
+    await waitFor(async () => (await audioOf(u1, d)) > 0 && (await audioOf(u2, d)) > 0, {
+      timeoutMs: 5000,
+      intervalMs: 20,
+      message: `${u1.name} and ${u2.name} to hear ${d.name} after its first unmute`,
+    });
+    const firstAudioMs = Date.now() - unmuteAt;
+    await waitFor(async () => (await audioOf(u1, d)) > 25 && (await audioOf(u2, d)) > 25, {
+      timeoutMs: 5000,
+      intervalMs: 50,
+      message: `${u1.name} and ${u2.name} to keep hearing ${d.name} after its first unmute`,
+    });
+    log(`${d.name} joined muted: no audio track offered to the others; after its first unmute both hear it`);
+    console.log(`FIRST_UNMUTE_TO_AUDIO_MS ${firstAudioMs} (the track's first offer to the others included)`);
   },
   async onFailure() {
     if (consoleLines.length) {

@@ -573,6 +573,8 @@ function startCall(room, name) {
     }
   };
 
+  // ?muted=1: join with the microphone muted.
+  if (new URLSearchParams(location.search).get("muted") === "1") client.setMuted({ audio: true });
   client.join().then(
     () => clearStatus("server"),
     (err) => {

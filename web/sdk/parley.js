@@ -564,6 +564,7 @@ export class ParleyClient extends ReliableSocket {
     this._screenTransceivers = [];
     this._layers = new Map(); // mid → rids Parley asked for (`layers`)
     this._layerChain = Promise.resolve();
+    this._senderChain = Promise.resolve(); // replaceTrack calls of mute changes, in order
     this._view = null; // the last tiles passed to setView(), normalized
     this._viewSent = null; // JSON of the last `view` sent in this session
     this._viewSeqs = []; // seqs of the `view` messages sent, to recognize error replies
@@ -951,7 +952,8 @@ export class ParleyClient extends ReliableSocket {
       const init = { direction, streams: [sendStream] };
       // The camera publishes simulcast; the encodings stay when a track is swapped in later.
       if (kind === "video") init.sendEncodings = CAMERA_ENCODINGS.map((e) => ({ ...e }));
-      this._transceivers[kind] = pc.addTransceiver(t || kind, init);
+      // A muted track is not sent at all (see `_applyMuteToTracks`).
+      this._transceivers[kind] = pc.addTransceiver((!this.muted[kind] && t) || kind, init);
     }
     if (this.screenTrack && this.screenTrack.readyState === "live") this._addScreenTransceiver(pc, this.screenTrack);
     this._applyMuteToTracks();
@@ -1002,7 +1004,8 @@ export class ParleyClient extends ReliableSocket {
       const tx = this._transceivers[kind];
       if (!tx || pc.signalingState === "closed") continue;
       const t = this.localStream ? this.localStream.getTracks().find((x) => x.kind === kind) || null : null;
-      if (tx.sender.track !== t) await tx.sender.replaceTrack(t);
+      const sent = this.muted[kind] ? null : t;
+      if (tx.sender.track !== sent) await tx.sender.replaceTrack(sent);
       // A kind we have no device for is not offered as a track (others would get an empty tile).
       const direction = t ? "sendonly" : "inactive";
       if (tx.direction !== direction) tx.direction = direction; // negotiationneeded follows
@@ -1082,10 +1085,21 @@ export class ParleyClient extends ReliableSocket {
     if (changed) await tx.sender.setParameters(params);
   }
 
+  /**
+   * A muted track is disabled (the local preview goes dark) and taken off its sender, so that
+   * nothing is sent at all: Parley offers a track to the others only once it carries media, so a
+   * participant who joins muted costs the room no media section until they unmute (the first
+   * unmute then waits for that negotiation). Swapping the track needs no renegotiation.
+   */
   _applyMuteToTracks() {
     if (!this.localStream) return;
     for (const t of this.localStream.getAudioTracks()) t.enabled = !this.muted.audio;
     for (const t of this.localStream.getVideoTracks()) t.enabled = !this.muted.video;
+    const pc = this.pc;
+    if (!pc) return;
+    this._senderChain = this._senderChain
+      .then(() => (pc === this.pc && pc.signalingState !== "closed" ? this._applyLocalTracks() : undefined))
+      .catch((err) => console.warn("parley: applying mute to senders", err));
   }
 
   _restartIce() {

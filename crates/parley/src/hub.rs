@@ -282,7 +282,13 @@ impl Hub {
                     p.audio_muted = audio;
                     p.video_muted = video;
                     let (id, room) = (p.wire_id(), p.room.clone());
+                    let session = SessionId(p.id);
                     self.broadcast(&room, None, ServerMsg::Mute { id, audio, video });
+                    self.out.push(Output::Media(MediaCommand::Mute {
+                        session,
+                        audio,
+                        video,
+                    }));
                 }
             }
             ClientMsg::Leave => {

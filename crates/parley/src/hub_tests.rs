@@ -638,6 +638,22 @@ fn an_ack_carried_on_another_message_also_counts() {
 }
 
 #[test]
+fn a_mute_reaches_the_media_plane() {
+    let mut t = TestHub::new(None);
+    let (a, _, _) = t.join("demo", "Ada");
+    t.take_media();
+    t.send(a, r#"{"seq":2,"type":"mute","audio":false,"video":true}"#);
+    assert_eq!(
+        t.take_media(),
+        vec![MediaCommand::Mute {
+            session: SessionId(1),
+            audio: false,
+            video: true,
+        }]
+    );
+}
+
+#[test]
 fn a_resent_client_message_is_processed_once_but_acknowledged() {
     let mut t = TestHub::new(None);
     let (a, _, _) = t.join("demo", "Ada");

@@ -159,6 +159,7 @@ impl Router {
         let session = match &cmd {
             MediaCommand::Offer { session, .. }
             | MediaCommand::View { session, .. }
+            | MediaCommand::Mute { session, .. }
             | MediaCommand::Answer { session, .. }
             | MediaCommand::Close { session } => *session,
         };
@@ -780,7 +781,9 @@ async fn link(
                                 MediaCommand::Close { session } => {
                                     sessions.remove(session);
                                 }
-                                MediaCommand::View { .. } | MediaCommand::Answer { .. } => {}
+                                MediaCommand::View { .. }
+                                | MediaCommand::Mute { .. }
+                                | MediaCommand::Answer { .. } => {}
                             }
                             if media.commands.send(cmd).is_err() {
                                 anyhow::bail!("the media plane stopped");

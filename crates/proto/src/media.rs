@@ -66,6 +66,15 @@ pub enum MediaCommand {
         session: SessionId,
         tiles: Vec<TileView>,
     },
+    /// The participant's mute state (`true` = muted), as it told the room. An unmuted
+    /// microphone (`audio`) or camera (`video`) whose track has not carried a packet yet is
+    /// offered to the others at once, so that the offer travels while the client's sender
+    /// starts, not after its first packet.
+    Mute {
+        session: SessionId,
+        audio: bool,
+        video: bool,
+    },
     /// The participant's answer to the media plane's offer number `id`.
     Answer {
         session: SessionId,

@@ -169,6 +169,20 @@ impl Sfu {
                     self.select(session, now);
                 }
             }
+            MediaCommand::Mute {
+                session,
+                audio,
+                video,
+            } => {
+                let unmuted: Vec<(Mid, MediaKind)> = self
+                    .sessions
+                    .get_mut(&session)
+                    .map(|s| s.announce_unmuted(!audio, !video))
+                    .unwrap_or_default();
+                for (mid, kind) in unmuted {
+                    self.publish(session, mid, kind);
+                }
+            }
             MediaCommand::Answer { session, id, sdp } => self.handle_answer(session, id, &sdp, now),
             MediaCommand::Close { session } => self.close_session(session),
         }
@@ -376,7 +390,7 @@ impl Sfu {
             let members = self.rooms.entry(room).or_default();
             for other in members.iter().filter(|_| grants.subscribe) {
                 if let Some(o) = self.sessions.get(other) {
-                    for t in o.tracks_in.iter().filter(|t| t.received_any) {
+                    for t in o.tracks_in.iter().filter(|t| t.offered) {
                         session.tracks_out.push(TrackOut::new(
                             *other,
                             t.mid,
@@ -551,7 +565,8 @@ impl Sfu {
         }
     }
 
-    /// A session's track carried its first packet: offer it to everyone else in the room.
+    /// A session's track carried its first packet, or was unmuted: offer it to everyone else
+    /// in the room.
     fn publish(&mut self, sid: SessionId, mid: Mid, kind: MediaKind) {
         let Some(session) = self.sessions.get(&sid) else {
             return;

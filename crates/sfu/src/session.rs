@@ -75,10 +75,12 @@ pub(crate) struct TrackIn {
     pub layers: Vec<LayerIn>,
     /// The rids last asked of the publisher (dynacast).
     pub active_sent: Option<Vec<Rid>>,
-    /// A packet of this track arrived. Only then is it offered to the others: a track that
-    /// never carries media (the microphone of a participant who joined muted and never
-    /// spoke) would cost each of them a media section, a renegotiation and a send stream.
-    pub received_any: bool,
+    received_any: bool,
+    /// Offered to the others: from the track's first packet, or when the participant says it
+    /// unmuted it. A track that never carries media (the microphone of a participant who
+    /// joined muted and never spoke) would cost each of them a media section, a renegotiation
+    /// and a send stream.
+    pub offered: bool,
 }
 
 pub(crate) struct LayerIn {
@@ -148,6 +150,7 @@ impl TrackIn {
             layers: Vec::new(),
             active_sent: None,
             received_any: false,
+            offered: false,
         }
     }
 
@@ -462,6 +465,24 @@ impl Session {
         Ok(answer.to_sdp_string())
     }
 
+    /// The participant unmuted its microphone (`audio`) and/or camera (`video`): returns the
+    /// tracks not offered yet, now marked offered, for the room to be offered them.
+    pub fn announce_unmuted(&mut self, audio: bool, video: bool) -> Vec<(Mid, MediaKind)> {
+        self.tracks_in
+            .iter_mut()
+            .filter(|t| !t.offered)
+            .filter(|t| match t.source {
+                TrackSource::Mic => audio,
+                TrackSource::Camera => video,
+                TrackSource::Screen => false,
+            })
+            .map(|t| {
+                t.offered = true;
+                (t.mid, t.kind)
+            })
+            .collect()
+    }
+
     /// Accepts the answer to our offer `id`; returns the tracks that opened. An answer to an
     /// offer that was rolled back is ignored.
     pub fn accept_answer(
@@ -702,6 +723,9 @@ impl Session {
                         session = %self.id, %mid, kind = ?track.kind,
                         audio_level = ?pkt.header.ext_vals.audio_level, "first packet received"
                     );
+                }
+                if !track.offered {
+                    track.offered = true;
                     out.tracks_added.push((mid, track.kind));
                 }
                 let kind = track.kind;

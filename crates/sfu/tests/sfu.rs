@@ -161,6 +161,50 @@ fn a_track_is_offered_from_its_first_packet() {
 }
 
 #[test]
+fn an_unmuted_track_is_offered_before_its_first_packet() {
+    let mut w = World::new();
+    let ada = w.join("ada", "r");
+    let bob = w.join("bob", "r");
+    w.peers[bob].sending = false;
+    w.run_until(Duration::from_secs(5), "bob receives ada", |w| {
+        w.received(bob, "ada", MediaKind::Audio) > 0
+    });
+    let ada_session = w.peers[ada].session;
+    // Bob's media sections in the latest offer to ada.
+    let offered_to_ada = |w: &World| -> Vec<String> {
+        w.events
+            .iter()
+            .filter_map(|e| match e {
+                MediaEvent::Offer { session, sdp, .. } if *session == ada_session => Some(sdp),
+                _ => None,
+            })
+            .next_back()
+            .into_iter()
+            .flat_map(|sdp| sdp.split("\r\nm=").skip(1))
+            .filter(|m| m.contains("a=msid:bob "))
+            .map(|m| m.split(' ').next().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert!(offered_to_ada(&w).is_empty());
+    // Bob says he unmuted his microphone (camera still off): ada is offered his audio only,
+    // while he has sent nothing yet.
+    let cmd = MediaCommand::Mute {
+        session: w.peers[bob].session,
+        audio: false,
+        video: true,
+    };
+    let now = w.now;
+    w.sfu.handle_command(cmd, now);
+    w.run(Duration::from_millis(200));
+    assert_eq!(offered_to_ada(&w), ["audio"]);
+    w.peers[bob].sending = true;
+    w.run_until(Duration::from_secs(5), "ada receives bob", |w| {
+        w.received(ada, "bob", MediaKind::Audio) > 0 && w.received(ada, "bob", MediaKind::Video) > 0
+    });
+    assert_eq!(offered_to_ada(&w), ["audio", "video"]);
+}
+
+#[test]
 fn renegotiation_adds_a_track_for_everyone() {
     let mut w = World::new();
     for n in NAMES {
