@@ -1088,8 +1088,9 @@ export class ParleyClient extends ReliableSocket {
   /**
    * A muted track is disabled (the local preview goes dark) and taken off its sender, so that
    * nothing is sent at all: Parley offers a track to the others only once it carries media, so a
-   * participant who joins muted costs the room no media section until they unmute (the first
-   * unmute then waits for that negotiation). Swapping the track needs no renegotiation.
+   * participant who joins muted costs the room no media section until they unmute (Parley then
+   * offers the track on the `mute` message, and the first unmute may wait for that round trip).
+   * Swapping the track needs no renegotiation.
    */
   _applyMuteToTracks() {
     if (!this.localStream) return;
