@@ -763,8 +763,11 @@ impl Worker {
                 }
             }
         }
+        // The sent datagrams' buffers go back to str0m for the next packets it encrypts.
+        for t in out.drain(..) {
+            str0m::net::recycle(t.contents.into());
+        }
         self.out = out;
-        self.out.clear();
     }
 
     /// One datagram through quinn-udp (IPv6).

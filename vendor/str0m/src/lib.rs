@@ -868,6 +868,8 @@ pub mod error;
 /// Network related types to get socket data in/out of [`Rtc`].
 pub mod net {
     pub use crate::io::{DatagramRecv, DatagramSend, Protocol, Receive, TcpType, Transmit};
+    /// PATCH(parley): see the function.
+    pub use crate::io::pool::recycle;
 }
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");

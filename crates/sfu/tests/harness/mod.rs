@@ -458,6 +458,7 @@ impl World {
             for t in self.peers[i].up.due(now) {
                 self.sfu
                     .handle_datagram(now, Protocol::Udp, t.source, t.destination, &t.contents);
+                str0m::net::recycle(t.contents.into());
             }
         }
         // SFU → downlinks. Each peer has its own IP; any of its ports is reachable.
@@ -493,6 +494,9 @@ impl World {
                     },
                 );
                 let _ = p.rtc.handle_input(input);
+                // As the server's media loop does: the buffers of delivered datagrams go back
+                // to str0m for the packets it encrypts next.
+                str0m::net::recycle(t.contents.into());
             }
         }
         self.signal();

@@ -145,6 +145,9 @@ struct SendSideBandwidthEstimator {
     alr_detector: AlrDetector,
     link_capacity_estimator: LinkCapacityEstimator,
     last_updated_estimate: Option<Bitrate>,
+    /// PATCH(parley): the acknowledged packets of the report in hand, kept between reports
+    /// (upstream grew a new vector for each report).
+    acked_scratch: Vec<AckedPacket>,
 }
 
 impl SendSideBandwidthEstimator {
@@ -168,6 +171,7 @@ impl SendSideBandwidthEstimator {
             alr_detector,
             link_capacity_estimator: LinkCapacityEstimator::new(),
             last_updated_estimate: None,
+            acked_scratch: Vec::new(),
         }
     }
 
@@ -189,7 +193,9 @@ impl SendSideBandwidthEstimator {
 
     /// Record a packet from a TWCC report.
     pub fn update<'t>(&mut self, records: impl Iterator<Item = &'t TwccSendRecord>, now: Instant) {
-        let send_records: Vec<_> = records.collect();
+        // PATCH(parley): room for a report's worth at once (upstream grew it one by one).
+        let mut send_records = Vec::with_capacity(64);
+        send_records.extend(records);
         if send_records.is_empty() {
             return;
         }
@@ -209,7 +215,8 @@ impl SendSideBandwidthEstimator {
             }
         }
 
-        let mut acked_packets = vec![];
+        let mut acked_packets = std::mem::take(&mut self.acked_scratch);
+        acked_packets.clear();
 
         let mut max_rtt = None;
         let mut count = 0;
@@ -241,6 +248,7 @@ impl SendSideBandwidthEstimator {
         let maybe_estimate =
             self.delay_controller
                 .update(&acked_packets, acked_bitrate, probe_result, now);
+        self.acked_scratch = acked_packets;
 
         let Some(delay_estimate) = maybe_estimate else {
             return;

@@ -28,6 +28,9 @@ pub const MAX_DTLS_OVERHEAD: usize = 48;
 
 mod error;
 pub use self::error::NetError;
+
+// PATCH(parley): buffers for encrypted packets, see `pool::recycle`.
+pub(crate) mod pool;
 #[allow(unused_imports)]
 pub use self::error::StunError;
 
