@@ -36,6 +36,12 @@ pub struct Dtls {
     /// the backend's fragmenter; outgoing records larger than the warn
     /// threshold log a warning.
     mtu: RangeInclusive<usize>,
+
+    /// PATCH(parley): the timeout of the last poll, while nothing has been given to the
+    /// instance since: polling it again would only return the same. Upstream polled the
+    /// instance on every `Rtc::poll_output` that looked at events, for the whole life of a
+    /// session (1-2 % of a media thread forwarding video, long after the handshake).
+    quiet: Option<Instant>,
 }
 
 pub(crate) fn is_would_block(error: &DtlsError) -> bool {
@@ -79,6 +85,7 @@ impl Dtls {
             active_state: None,
             pending_packets: VecDeque::new(),
             mtu,
+            quiet: None,
         })
     }
 
@@ -95,6 +102,7 @@ impl Dtls {
     /// Set whether this instance is active (client) or passive (server).
     pub fn set_active(&mut self, active: bool) {
         self.active_state = Some(active);
+        self.quiet = None;
         self.instance.set_active(active)
     }
 
@@ -133,7 +141,14 @@ impl Dtls {
             return DtlsOutput::Timeout(not_happening());
         }
 
+        // PATCH(parley): see `quiet`.
+        if let Some(at) = self.quiet {
+            return DtlsOutput::Timeout(at);
+        }
         let next = self.instance.poll_output(buf);
+        if let DtlsOutput::Timeout(at) = next {
+            self.quiet = Some(at);
+        }
 
         if let DtlsOutput::Packet(packet) = next {
             if packet.len() > self.mtu_warn() {
@@ -159,6 +174,7 @@ impl Dtls {
             return Ok(());
         }
 
+        self.quiet = None;
         self.instance
             .handle_packet(packet)
             .map_err(|e| DtlsError::CryptoError(CryptoError::Other(format!("DTLS error: {}", e))))
@@ -178,6 +194,7 @@ impl Dtls {
             return Err(make_handshake_pending_err());
         }
 
+        self.quiet = None;
         let accepted = self.instance.send_application_data(data).map_err(|e| {
             DtlsError::CryptoError(CryptoError::Other(format!("DTLS error: {}", e)))
         })?;
@@ -195,6 +212,7 @@ impl Dtls {
             return Ok(());
         }
 
+        self.quiet = None;
         self.instance
             .handle_timeout(now)
             .map_err(|e| DtlsError::CryptoError(CryptoError::Other(format!("DTLS error: {}", e))))
@@ -202,6 +220,7 @@ impl Dtls {
 
     /// Initiate graceful shutdown by sending a close_notify alert.
     pub fn close(&mut self) -> Result<(), DtlsError> {
+        self.quiet = None;
         self.instance
             .close()
             .map_err(|e| DtlsError::CryptoError(CryptoError::Other(format!("DTLS error: {}", e))))
