@@ -69,7 +69,12 @@ fn recycled_buffers_with_stale_bytes_make_valid_packets() {
     for (i, b) in before.iter().enumerate() {
         let after = w.received(i, NAMES[(i + 1) % 3], MediaKind::Video);
         // 30 frames a second for two seconds, give or take the first and the last.
-        assert!(after - b >= 55, "{} got {} frames in 2 s", NAMES[i], after - b);
+        assert!(
+            after - b >= 55,
+            "{} got {} frames in 2 s",
+            NAMES[i],
+            after - b
+        );
     }
 }
 
