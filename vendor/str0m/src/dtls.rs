@@ -40,7 +40,8 @@ pub struct Dtls {
     /// PATCH(parley): the timeout of the last poll, while nothing has been given to the
     /// instance since: polling it again would only return the same. Upstream polled the
     /// instance on every `Rtc::poll_output` that looked at events, for the whole life of a
-    /// session (1-2 % of a media thread forwarding video, long after the handshake).
+    /// session (1-2 % of the `perf` samples of a media thread forwarding video, long after
+    /// the handshake).
     quiet: Option<Instant>,
 }
 
