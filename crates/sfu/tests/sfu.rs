@@ -169,16 +169,22 @@ fn sections_offered(w: &World, to: usize, from: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn a_track_is_offered_from_its_first_packet() {
+/// Ada, and Bob who joined with his microphone and camera muted (tracks that send nothing);
+/// returns once Bob receives Ada's audio and video.
+fn ada_and_muted_bob() -> (World, usize, usize) {
     let mut w = World::new();
     let ada = w.join("ada", "r");
-    // Bob joins with his microphone and camera muted: tracks that send nothing.
     let bob = w.join("bob", "r");
     w.peers[bob].sending = false;
     w.run_until(Duration::from_secs(5), "bob receives ada", |w| {
         w.received(bob, "ada", MediaKind::Audio) > 0 && w.received(bob, "ada", MediaKind::Video) > 0
     });
+    (w, ada, bob)
+}
+
+#[test]
+fn a_track_is_offered_from_its_first_packet() {
+    let (mut w, ada, bob) = ada_and_muted_bob();
     w.run(Duration::from_secs(2));
     assert!(
         sections_offered(&w, ada, "bob").is_empty(),
@@ -204,13 +210,7 @@ fn a_track_is_offered_from_its_first_packet() {
 
 #[test]
 fn an_unmuted_track_is_offered_before_its_first_packet() {
-    let mut w = World::new();
-    let ada = w.join("ada", "r");
-    let bob = w.join("bob", "r");
-    w.peers[bob].sending = false;
-    w.run_until(Duration::from_secs(5), "bob receives ada", |w| {
-        w.received(bob, "ada", MediaKind::Audio) > 0
-    });
+    let (mut w, ada, bob) = ada_and_muted_bob();
     assert!(sections_offered(&w, ada, "bob").is_empty());
     // Bob says he unmuted his microphone (camera still off): ada is offered his audio only,
     // while he has sent nothing yet.
