@@ -24,6 +24,8 @@ pub(crate) enum Want {
 pub(crate) struct Demand {
     /// Lower is served first.
     pub priority: u8,
+    /// A screen share: without simulcast, it is assumed at [`DEFAULT_SCREEN`] until measured.
+    pub screen: bool,
     /// Lowest layer first; one entry without simulcast.
     pub layers: Vec<LayerInfo>,
     pub want: Want,
@@ -43,6 +45,11 @@ const DEFAULT_TOP_WIDTH: u32 = 1280;
 const DEFAULT_BITRATES: [u64; 3] = [1_200_000, 400_000, 120_000];
 /// Assumed bitrate of a video without simulcast before it was measured.
 const DEFAULT_SINGLE: u64 = 300_000;
+/// Assumed bitrate of a screen share without simulcast before it was measured (its first
+/// half second): a browser's share of slides or code runs at 1-2.5 Mbit/s. Assuming less made
+/// a new viewer's bandwidth estimator ask for little, so that its first probes, capped at twice
+/// that, measured under 1 Mbit/s and paused the share it was about to get.
+const DEFAULT_SCREEN: u64 = 1_500_000;
 
 fn widths(layers: &[LayerInfo]) -> Vec<u32> {
     let n = layers.len();
@@ -67,9 +74,11 @@ fn widths(layers: &[LayerInfo]) -> Vec<u32> {
 }
 
 /// A layer's measured bitrate, or an assumed one before it was measured.
-pub(crate) fn layer_bitrate(layers: &[LayerInfo], i: usize) -> u64 {
+pub(crate) fn layer_bitrate(d: &Demand, i: usize) -> u64 {
+    let layers = &d.layers;
     let from_top = layers.len() - 1 - i;
     match layers[i].bitrate {
+        0 if layers.len() == 1 && d.screen => DEFAULT_SCREEN,
         0 if layers.len() == 1 => DEFAULT_SINGLE,
         0 => DEFAULT_BITRATES[from_top.min(DEFAULT_BITRATES.len() - 1)],
         b => b,
@@ -101,7 +110,7 @@ pub(crate) fn allocate(budget: Option<u64>, demands: &[Demand]) -> Vec<Choice> {
         };
         out[i] = Choice::Paused;
         for l in (0..=desired).rev() {
-            let b = layer_bitrate(&d.layers, l);
+            let b = layer_bitrate(d, l);
             if b <= remaining {
                 remaining -= b;
                 out[i] = Choice::Layer(l);
@@ -111,10 +120,7 @@ pub(crate) fn allocate(budget: Option<u64>, demands: &[Demand]) -> Vec<Choice> {
         // A single-layer video (a screen share) has nothing smaller to fall back to, and an
         // estimate only grows while media flows: it goes on at half its rate or more (the
         // pacer and the send-queue guard absorb the difference), taking what is left.
-        if out[i] == Choice::Paused
-            && d.layers.len() == 1
-            && remaining >= layer_bitrate(&d.layers, 0) / 2
-        {
+        if out[i] == Choice::Paused && d.layers.len() == 1 && remaining >= layer_bitrate(d, 0) / 2 {
             remaining = 0;
             out[i] = Choice::Layer(0);
         }
@@ -140,6 +146,7 @@ mod tests {
     fn cam(want: Want) -> Demand {
         Demand {
             priority: 2,
+            screen: false,
             layers: sim([320, 640, 1280]),
             want,
         }
@@ -149,6 +156,7 @@ mod tests {
     fn a_single_layer_share_goes_on_at_half_its_rate_but_not_below() {
         let share = |bitrate| Demand {
             priority: 1,
+            screen: true,
             layers: vec![LayerInfo {
                 width: 1920,
                 bitrate,
@@ -209,6 +217,7 @@ mod tests {
     fn screen_share_is_served_before_cameras() {
         let screen = Demand {
             priority: 0,
+            screen: true,
             layers: vec![LayerInfo {
                 width: 1920,
                 bitrate: 1_000_000,
@@ -220,9 +229,34 @@ mod tests {
     }
 
     #[test]
+    fn an_unmeasured_share_is_assumed_at_a_shares_bitrate() {
+        let single = |screen| Demand {
+            priority: if screen { 0 } else { 2 },
+            screen,
+            layers: vec![LayerInfo {
+                width: 0,
+                bitrate: 0,
+            }],
+            want: Want::Best,
+        };
+        assert_eq!(layer_bitrate(&single(true), 0), DEFAULT_SCREEN);
+        assert_eq!(layer_bitrate(&single(false), 0), DEFAULT_SINGLE);
+        // Going on at half its rate: a share needs 0.75 Mbit/s before it is measured.
+        assert_eq!(
+            allocate(Some(600_000), &[single(true)]),
+            vec![Choice::Paused]
+        );
+        assert_eq!(
+            allocate(Some(800_000), &[single(true)]),
+            vec![Choice::Layer(0)]
+        );
+    }
+
+    #[test]
     fn unknown_widths_and_bitrates_are_assumed() {
         let d = Demand {
             priority: 2,
+            screen: false,
             layers: vec![
                 LayerInfo {
                     width: 0,

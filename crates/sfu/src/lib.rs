@@ -772,6 +772,7 @@ impl Sfu {
             which.push((i, rids, alive));
             demands.push(Demand {
                 priority,
+                screen: t.source == TrackSource::Screen,
                 layers,
                 want: t.want(&sub.view),
             });
@@ -782,7 +783,7 @@ impl Sfu {
             .iter()
             .map(
                 |d| match alloc::allocate(None, std::slice::from_ref(d))[0] {
-                    Choice::Layer(l) => alloc::layer_bitrate(&d.layers, l),
+                    Choice::Layer(l) => alloc::layer_bitrate(d, l),
                     _ => 0,
                 },
             )

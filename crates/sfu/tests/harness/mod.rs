@@ -40,6 +40,8 @@ pub struct Peer {
     /// Our own sending tracks.
     pub audio_mid: Option<Mid>,
     pub video_mids: Vec<Mid>,
+    /// The video tracks offered as screen shares.
+    pub screen_mids: Vec<String>,
     pub connected: bool,
     /// Media received, by the stream id (publisher) and kind of its m-line.
     pub received: HashMap<(String, MediaKind), u64>,
@@ -58,6 +60,8 @@ pub struct Peer {
     pub audio_frames: u64,
     /// Publish the camera as simulcast layers q, h, f.
     pub simulcast: bool,
+    /// Bytes of a delta frame of a video without simulcast (keyframes are three times as big).
+    pub frame_bytes: usize,
     /// Tracks and layers asked for a keyframe by the SFU (`None`: the single layer).
     pub keyframe_wanted: Vec<(Mid, Option<Rid>)>,
     /// The layer marker of the last video frame received, per publisher stream id.
@@ -280,6 +284,7 @@ impl World {
             pending: Some(pending),
             audio_mid: Some(audio),
             video_mids: video.into_iter().collect(),
+            screen_mids: Vec::new(),
             connected: false,
             received: HashMap::new(),
             last_offer_id: None,
@@ -295,6 +300,7 @@ impl World {
             next_video: self.now,
             audio_frames: 0,
             simulcast,
+            frame_bytes: 600,
             keyframe_wanted: Vec::new(),
             last_layer: HashMap::new(),
             layer_frames: HashMap::new(),
@@ -317,8 +323,17 @@ impl World {
         idx
     }
 
-    /// The peer adds one more video track (like a screen share) and offers it.
+    /// The peer adds one more video track and offers it.
     pub fn add_video(&mut self, idx: usize) -> Mid {
+        self.add_video_track(idx, false)
+    }
+
+    /// The peer starts sharing its screen: one more video track, offered as a screen share.
+    pub fn add_screen(&mut self, idx: usize) -> Mid {
+        self.add_video_track(idx, true)
+    }
+
+    fn add_video_track(&mut self, idx: usize, screen: bool) -> Mid {
         let p = &mut self.peers[idx];
         let mut api = p.rtc.sdp_api();
         let mid = api.add_media(
@@ -330,6 +345,9 @@ impl World {
         );
         let (offer, pending) = api.apply().expect("changes");
         p.video_mids.push(mid);
+        if screen {
+            p.screen_mids.push(mid.to_string());
+        }
         self.offer(idx, offer, pending);
         mid
     }
@@ -343,7 +361,7 @@ impl World {
             room: String::new(),
             stream_id: p.name.clone(),
             sdp: offer.to_sdp_string(),
-            screen_mids: vec![],
+            screen_mids: p.screen_mids.clone(),
             can_publish: true,
             can_subscribe: true,
         };
@@ -587,7 +605,7 @@ impl Peer {
                     let (width, bytes, marker) = if simulcast {
                         (LAYER_WIDTH[i], LAYER_FRAME_BYTES[i], i as u8 + 1)
                     } else {
-                        (640, 600, 9)
+                        (640, self.frame_bytes, 9)
                     };
                     let Some(w) = self.rtc.writer(mid) else {
                         continue;

@@ -54,6 +54,9 @@ pub(crate) use probe::ProbeClusterConfig;
 const INITIAL_BITRATE_WINDOW: Duration = Duration::from_millis(500);
 const BITRATE_WINDOW: Duration = Duration::from_millis(150);
 const STARTUP_PHASE: Duration = Duration::from_secs(2);
+/// PATCH(parley): libwebrtc's kProbeDropThroughputFraction: a saturated probe lowers the
+/// estimate to no less than this share of the acknowledged bitrate.
+const PROBE_DROP_THROUGHPUT_FRACTION: f64 = 0.85;
 
 pub struct Bwe {
     bwe: SendSideBandwidthEstimator,
@@ -203,8 +206,9 @@ impl SendSideBandwidthEstimator {
 
         // Feed records to probe estimator for analysis and process any new probe results
         let mut latest_probe_result = None;
-        for (config, bitrate) in self.probe_estimator.update(send_records.iter().copied()) {
-            latest_probe_result = Some(bitrate);
+        for (config, bitrate, saturated) in self.probe_estimator.update(send_records.iter().copied())
+        {
+            latest_probe_result = Some((bitrate, saturated));
 
             // Update link capacity estimator for every successful ALR probe, not just the latest.
             // The estimator internally takes the max of all probe results, building up knowledge
@@ -239,8 +243,29 @@ impl SendSideBandwidthEstimator {
 
         let acked_bitrate = self.acked_bitrate_estimator.current_estimate();
 
-        // Use the latest probe result from this update, if any
-        let probe_result = latest_probe_result;
+        // Use the latest probe result from this update, if any.
+        //
+        // PATCH(parley): a probe that did not saturate the link shows only that the link carries
+        // what the probe managed to send: it may raise the estimate, never lower it. (A probe is
+        // capped at twice what the application asked for, and often sends slower than planned:
+        // a subscriber's first probes, capped at 1 Mbit/s, took the initial 2.5 Mbit/s down to
+        // 0.65 Mbit/s on an unlimited link and paused the screen share it was about to get.)
+        // A saturated probe may lower it, but, as libwebrtc's goog_cc does, no further than 85 %
+        // of the acknowledged bitrate, and a probe result never raises it above the estimate it
+        // lowers.
+        let probe_result = latest_probe_result.and_then(|(bitrate, saturated)| {
+            let Some(current) = self.delay_controller.last_estimate() else {
+                return Some(bitrate);
+            };
+            if bitrate >= current {
+                Some(bitrate)
+            } else if !saturated {
+                None
+            } else {
+                let floor = acked_bitrate.map(|a| current.min(a * PROBE_DROP_THROUGHPUT_FRACTION));
+                Some(floor.map_or(bitrate, |f| bitrate.max(f)))
+            }
+        });
 
         let is_probe_result = probe_result.is_some();
 

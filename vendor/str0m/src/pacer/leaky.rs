@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 use super::Pacer;
 use super::PaddingRequest;
 use super::QueueState;
+use super::QueuePriority;
 use crate::Reason;
 use crate::bwe_::ProbeClusterConfig;
 use crate::bwe_::ProbeClusterState;
@@ -330,8 +331,18 @@ impl LeakyBucketPacer {
             if self.adjusted_bitrate > Bitrate::ZERO {
                 // Check if we're actively probing and should use probe-specific timing
                 let poll_at = if let Some(probe) = self.probe_queue.front() {
-                    // During probe: use absolute time directly from probe state
-                    (probe.next_probe_time(), PacerReason::Probe1)
+                    if queue.snapshot.priority == QueuePriority::Padding {
+                        // PATCH(parley): the rest of a probe burst already asked for goes out
+                        // at once. Waiting `min_probe_delta` after each of its packets (as
+                        // `next_probe_time` does, being the time of the next burst) sent one
+                        // blank padding packet (at most 240 bytes) per 2 ms: no probe without
+                        // media to resend could show more than 0.96 Mbit/s, and a video paused
+                        // for bandwidth could not come back above that.
+                        (now, PacerReason::Probe1)
+                    } else {
+                        // During probe: use absolute time directly from probe state
+                        (probe.next_probe_time(), PacerReason::Probe1)
+                    }
                 } else {
                     // Normal pacing: use relative offset based on debt
                     let drain_debt_time = self.media_debt / self.adjusted_bitrate;

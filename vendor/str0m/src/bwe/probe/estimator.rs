@@ -141,7 +141,7 @@ impl ProbeEstimator {
     pub fn update<'t>(
         &mut self,
         records: impl Iterator<Item = &'t TwccSendRecord>,
-    ) -> impl Iterator<Item = (ProbeClusterConfig, Bitrate)> + '_ {
+    ) -> impl Iterator<Item = (ProbeClusterConfig, Bitrate, bool)> + '_ {
         // Keep track of which clusters were updated in this call.
         self.did_update.clear();
 
@@ -212,7 +212,7 @@ impl ProbeEstimator {
             }
 
             let result = s.do_calculate_bitrate();
-            if let ProbeResult::Estimate(_) = result {
+            if let ProbeResult::Estimate { .. } = result {
                 // Already logged in calculate_bitrate() during update().
             } else {
                 // Log the final rejection reason for the probe.
@@ -283,10 +283,11 @@ impl ProbeEstimatorState {
         true
     }
 
-    fn calculate_bitrate(&self) -> Option<(ProbeClusterConfig, Bitrate)> {
+    /// PATCH(parley): with whether the probe saturated the link (see [`ProbeResult`]).
+    fn calculate_bitrate(&self) -> Option<(ProbeClusterConfig, Bitrate, bool)> {
         let result = self.do_calculate_bitrate();
 
-        let ProbeResult::Estimate(bitrate) = result else {
+        let ProbeResult::Estimate { bitrate, saturated } = result else {
             return None;
         };
 
@@ -294,7 +295,7 @@ impl ProbeEstimatorState {
         trace!(%result, "Probe result");
         log_probe_bitrate_estimate!(bitrate.as_f64());
 
-        Some((self.config, bitrate))
+        Some((self.config, bitrate, saturated))
     }
 
     /// Calculate the estimated bitrate for this probe cluster.
@@ -391,8 +392,18 @@ impl ProbeEstimatorState {
         if recv_rate < send_rate * MIN_RATIO_FOR_UNSATURATED_LINK {
             estimate = recv_rate * TARGET_UTILIZATION_FRACTION;
         }
+        // PATCH(parley): the link held the probe back when its packets took markedly longer
+        // to arrive than to leave. Compared on the rates above, a small probe whose first
+        // packet was a large media packet among blank padding looked saturated on an
+        // unlimited link (the receive rate leaves out the first packet received, the send
+        // rate the last one sent).
+        let saturated =
+            recv_interval.as_secs_f64() * MIN_RATIO_FOR_UNSATURATED_LINK > send_interval.as_secs_f64();
 
-        ProbeResult::Estimate(estimate)
+        ProbeResult::Estimate {
+            bitrate: estimate,
+            saturated,
+        }
     }
 
     fn end_probe(&mut self, now: Instant) {
@@ -403,8 +414,13 @@ impl ProbeEstimatorState {
 /// Result of a probe cluster estimation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum ProbeResult {
-    /// Successfully estimated bitrate
-    Estimate(Bitrate),
+    /// Successfully estimated bitrate.
+    ///
+    /// PATCH(parley): `saturated` when the probe arrived markedly slower than it was sent:
+    /// the link is no faster than `bitrate`. Otherwise everything sent arrived at the pace it
+    /// was sent, and `bitrate` is only what the probe managed to send: the link carries at
+    /// least that much.
+    Estimate { bitrate: Bitrate, saturated: bool },
     /// Not enough packets in cluster (< 4)
     ClusterTooSmall { recv: usize, limit: usize },
     /// Insufficient packets received (< 80% of sent)
@@ -428,7 +444,9 @@ enum ProbeResult {
 impl fmt::Display for ProbeResult {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ProbeResult::Estimate(bitrate) => write!(f, "estimate={}", bitrate),
+            ProbeResult::Estimate { bitrate, saturated } => {
+                write!(f, "estimate={bitrate} saturated={saturated}")
+            }
             ProbeResult::ClusterTooSmall {
                 recv: received,
                 limit: required,
@@ -542,7 +560,7 @@ mod test {
         let results: Vec<_> = estimator.update(recv_vec.iter()).collect();
         let estimate_only_received = results
             .last()
-            .map(|(_, bitrate)| *bitrate)
+            .map(|(_, bitrate, _)| *bitrate)
             .expect("expected a probe estimate");
 
         // Second run: received + lost
@@ -553,7 +571,7 @@ mod test {
         let results: Vec<_> = estimator2.update(all_vec.iter()).collect();
         let estimate_with_lost = results
             .last()
-            .map(|(_, bitrate)| *bitrate)
+            .map(|(_, bitrate, _)| *bitrate)
             .expect("expected a probe estimate");
 
         assert_eq!(
