@@ -243,7 +243,17 @@ impl Hub {
                         can_publish: p.can_publish,
                         can_subscribe: p.can_subscribe,
                     };
+                    // With it, the mute state as the participant last told it (unmuted until it
+                    // says otherwise): the tracks of a live microphone or camera are offered
+                    // to the others now, so that their renegotiation runs while this
+                    // participant's ICE and DTLS do, not after its first packet.
+                    let mute = MediaCommand::Mute {
+                        session: SessionId(p.id),
+                        audio: p.audio_muted,
+                        video: p.video_muted,
+                    };
                     self.out.push(Output::Media(cmd));
+                    self.out.push(Output::Media(mute));
                 }
             }
             ClientMsg::View { tiles } => {

@@ -439,6 +439,12 @@ fn offer_and_answer_go_to_the_media_plane() {
                 can_publish: true,
                 can_subscribe: true,
             },
+            // Bob never said he was muted: his microphone and camera go to the others now.
+            MediaCommand::Mute {
+                session: SessionId(2),
+                audio: false,
+                video: false,
+            },
             MediaCommand::Answer {
                 session: SessionId(2),
                 id: 7,
@@ -650,6 +656,28 @@ fn a_mute_reaches_the_media_plane() {
             audio: false,
             video: true,
         }]
+    );
+}
+
+#[test]
+fn an_offer_carries_the_mute_state_told_before_it() {
+    // A participant who joins muted says so before its first offer (as the SDK does): its
+    // microphone and camera wait until it unmutes.
+    let mut t = TestHub::new(None);
+    let (a, _, _) = t.join("demo", "Ada");
+    t.send(a, r#"{"seq":2,"type":"mute","audio":true,"video":false}"#);
+    t.take_media();
+    t.send(a, r#"{"seq":3,"type":"offer","sdp":"v=0"}"#);
+    let cmds = t.take_media();
+    assert_eq!(cmds.len(), 2, "{cmds:?}");
+    assert!(matches!(cmds[0], MediaCommand::Offer { .. }), "{cmds:?}");
+    assert_eq!(
+        cmds[1],
+        MediaCommand::Mute {
+            session: SessionId(1),
+            audio: true,
+            video: false,
+        }
     );
 }
 
@@ -1148,6 +1176,11 @@ fn screen_tracks_and_views_reach_the_media_plane() {
                 screen_mids: vec!["2".into()],
                 can_publish: true,
                 can_subscribe: true,
+            },
+            MediaCommand::Mute {
+                session: SessionId(2),
+                audio: false,
+                video: false,
             },
             MediaCommand::View {
                 session: SessionId(1),
