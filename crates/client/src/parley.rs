@@ -65,7 +65,7 @@ async fn signal(
     // nothing to answer for longer than that.
     let mut keepalive = tokio::time::interval(KEEPALIVE);
     keepalive.reset();
-    let mut told_mute = false;
+    let mut offered = false;
     loop {
         tokio::select! {
             _ = keepalive.tick() => {
@@ -78,11 +78,11 @@ async fn signal(
                         // A muted user says so before its first offer, as the browser SDK
                         // does; the server offers the others its microphone (and camera) at
                         // once unless told it is muted.
-                        if !told_mute && (!cfg.send_audio || !cfg.send_video) {
+                        if !offered && (!cfg.send_audio || !cfg.send_video) {
                             let mute = json!({"type": "mute", "audio": !cfg.send_audio, "video": !cfg.send_video});
                             ws.send(frame(mute, last_in)).await?;
                         }
-                        told_mute = true;
+                        offered = true;
                         let tracks: serde_json::Map<String, Value> = screen_mid
                             .into_iter()
                             .map(|m| (m, json!("screen")))

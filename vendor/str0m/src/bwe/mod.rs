@@ -250,9 +250,9 @@ impl SendSideBandwidthEstimator {
         // capped at twice what the application asked for, and often sends slower than planned:
         // a subscriber's first probes, capped at 1 Mbit/s, took the initial 2.5 Mbit/s down to
         // 0.65 Mbit/s on an unlimited link and paused the screen share it was about to get.)
-        // A saturated probe may lower it, but, as libwebrtc's goog_cc does, no further than 85 %
-        // of the acknowledged bitrate, and a probe result never raises it above the estimate it
-        // lowers.
+        // A saturated probe may lower it, but, as libwebrtc's goog_cc does, to no less than the
+        // smaller of the estimate and 85 % of the acknowledged bitrate (so that floor never
+        // turns a lower result into a rise).
         let probe_result = latest_probe_result.and_then(|(bitrate, saturated)| {
             let Some(current) = self.delay_controller.last_estimate() else {
                 return Some(bitrate);
