@@ -551,6 +551,7 @@ export class ParleyClient extends ReliableSocket {
     this.screenTrack = null;
 
     this._joinSeq = 0;
+    this._joinMuted = null; // the mute state the last `join` carried
     this._joinWaiters = [];
     this._timers.disconnected = 0;
     this._sdpChain = Promise.resolve();
@@ -747,6 +748,11 @@ export class ParleyClient extends ReliableSocket {
     this._sessionOffered = false;
     const join = { type: "join", room: this.room, name: this.name };
     if (this.token) join.token = this.token;
+    // The mute state goes with the join: the first offer follows at once, before the reply,
+    // and the room must not be offered a microphone (or camera) that is muted.
+    if (this.muted.audio) join.audio_muted = true;
+    if (this.muted.video) join.video_muted = true;
+    this._joinMuted = { ...this.muted };
     this._joinSeq = this._sendReliable(join);
     // Parley processes messages in order, so the offer may follow `join` at once.
     this._negotiate();
@@ -843,7 +849,9 @@ export class ParleyClient extends ReliableSocket {
     for (const w of this._joinWaiters.splice(0)) w.resolve(detail);
     this._emit("joined", detail);
     for (const p of this.participants.values()) this._emit("participantjoined", { ...p });
-    if (this.muted.audio || this.muted.video) {
+    // Toggled while the join was on its way (`setMuted` tells only a joined room).
+    const told = this._joinMuted || this.muted;
+    if (this.muted.audio !== told.audio || this.muted.video !== told.video) {
       this._sendReliable({ type: "mute", audio: this.muted.audio, video: this.muted.video });
     }
     this._sendView();

@@ -56,16 +56,15 @@ async fn signal(
         m["ack"] = json!(last_in);
         Message::Text(m.to_string().into())
     };
-    ws.send(frame(
-        json!({"type": "join", "room": cfg.room, "name": cfg.name}),
-        last_in,
-    ))
-    .await?;
+    // A muted user says so in its join, as the browser SDK does: the server offers the others
+    // its microphone (and camera) with its first offer unless told they are muted.
+    let join = json!({"type": "join", "room": cfg.room, "name": cfg.name,
+        "audio_muted": !cfg.send_audio, "video_muted": !cfg.send_video});
+    ws.send(frame(join, last_in)).await?;
     // The server closes a connection that says nothing for 30 s; a user of a quiet call has
     // nothing to answer for longer than that.
     let mut keepalive = tokio::time::interval(KEEPALIVE);
     keepalive.reset();
-    let mut offered = false;
     loop {
         tokio::select! {
             _ = keepalive.tick() => {
@@ -75,14 +74,6 @@ async fn signal(
                 let Some(cmd) = cmd else { break };
                 let msg = match cmd {
                     SigCmd::Offer { sdp, screen_mid, .. } => {
-                        // A muted user says so before its first offer, as the browser SDK
-                        // does; the server offers the others its microphone (and camera) at
-                        // once unless told it is muted.
-                        if !offered && (!cfg.send_audio || !cfg.send_video) {
-                            let mute = json!({"type": "mute", "audio": !cfg.send_audio, "video": !cfg.send_video});
-                            ws.send(frame(mute, last_in)).await?;
-                        }
-                        offered = true;
                         let tracks: serde_json::Map<String, Value> = screen_mid
                             .into_iter()
                             .map(|m| (m, json!("screen")))

@@ -225,8 +225,15 @@ impl Hub {
         }
         let sent_before = self.out.len();
         match frame.msg {
-            ClientMsg::Join { room, name, token } => {
-                self.join(conn, joined, room, name, token, frame.seq)
+            ClientMsg::Join {
+                room,
+                name,
+                token,
+                audio_muted,
+                video_muted,
+            } => {
+                let muted = (audio_muted, video_muted);
+                self.join(conn, joined, room, name, token, muted, frame.seq)
             }
             ClientMsg::Offer { sdp, tracks } => {
                 if let Some(p) = self.joined(conn, joined, frame.seq) {
@@ -431,6 +438,7 @@ impl Hub {
         room: String,
         name: String,
         token: Option<String>,
+        (audio_muted, video_muted): (bool, bool),
         seq: Option<u64>,
     ) {
         if joined.is_some() {
@@ -523,8 +531,8 @@ impl Hub {
             identity,
             can_publish: claims.as_ref().is_none_or(|c| c.publish),
             can_subscribe: claims.as_ref().is_none_or(|c| c.subscribe),
-            audio_muted: false,
-            video_muted: false,
+            audio_muted,
+            video_muted,
             speaking: false,
             token: token.clone(),
             conn: Some(conn),

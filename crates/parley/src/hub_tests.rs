@@ -682,6 +682,44 @@ fn an_offer_carries_the_mute_state_told_before_it() {
 }
 
 #[test]
+fn a_join_that_says_muted_keeps_the_microphone_back_from_an_offer_right_behind_it() {
+    // The SDK sends its first offer right behind `join`, before the reply: a mute state told
+    // only after the reply would come too late, and the room would be offered a silent
+    // microphone. Told in the join, it holds from the first offer, and the others see it.
+    let mut t = TestHub::new(None);
+    let (b, _, _) = t.join("demo", "Bob");
+    let a = t.open();
+    t.send(
+        a,
+        r#"{"seq":1,"type":"join","room":"demo","name":"Ada","audio_muted":true}"#,
+    );
+    t.send(a, r#"{"seq":2,"type":"offer","sdp":"v=0"}"#);
+    let cmds = t.take_media();
+    assert!(
+        cmds.iter().any(|c| matches!(c, MediaCommand::Offer { .. })),
+        "{cmds:?}"
+    );
+    assert_eq!(
+        cmds.last(),
+        Some(&MediaCommand::Mute {
+            session: SessionId(2),
+            audio: true,
+            video: false,
+        }),
+        "{cmds:?}"
+    );
+    assert_eq!(
+        t.take_msgs(b),
+        vec![ServerMsg::ParticipantJoined {
+            participant: ParticipantInfo {
+                audio_muted: true,
+                ..info("p2", "Ada")
+            }
+        }]
+    );
+}
+
+#[test]
 fn a_resent_client_message_is_processed_once_but_acknowledged() {
     let mut t = TestHub::new(None);
     let (a, _, _) = t.join("demo", "Ada");

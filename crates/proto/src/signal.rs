@@ -24,6 +24,14 @@ pub enum ClientMsg {
         /// Access token, required when Parley has API keys configured.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
+        /// Joins with the microphone muted. Told here rather than by a `mute` behind the
+        /// join, the room never sees (nor is offered) a live microphone first, whatever the
+        /// order of the join's reply and the first offer.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        audio_muted: bool,
+        /// Joins with the camera muted.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        video_muted: bool,
     },
     Offer {
         sdp: String,
@@ -367,8 +375,22 @@ mod tests {
                 room: "demo".into(),
                 name: "Ada".into(),
                 token: None,
+                audio_muted: false,
+                video_muted: false,
             }
         );
+        let f = ClientFrame::parse(
+            r#"{"seq":1,"type":"join","room":"demo","name":"Ada","audio_muted":true}"#,
+        )
+        .expect("valid join");
+        assert!(matches!(
+            f.msg,
+            ClientMsg::Join {
+                audio_muted: true,
+                video_muted: false,
+                ..
+            }
+        ));
     }
 
     #[test]
