@@ -43,7 +43,10 @@ macro_rules! str_id {
             type Target = str;
 
             fn deref(&self) -> &Self::Target {
-                from_utf8(&self.0).expect("ascii id").trim()
+                // PATCH(parley): trimmed as bytes (the padding is ASCII spaces); `str::trim`
+                // walked the chars for Unicode whitespace on every deref, which the header
+                // writer does twice per packet for the mid.
+                from_utf8(self.0.trim_ascii()).expect("ascii id")
             }
         }
 
