@@ -1323,7 +1323,9 @@ impl Session {
             seq_no,
             is_padding,
             payload_size,
+            len,
         } = receipt;
+        let buf = &buf[..len];
 
         trace!(payload_size, is_padding, "Poll RTP: {:?}", header);
 
@@ -1337,7 +1339,7 @@ impl Session {
         self.pacer.register_send(now, payload_size.into(), midrid);
 
         if let Some(raw_packets) = &mut self.raw_packets {
-            raw_packets.push_back(Box::new(RawPacket::RtpTx(header.clone(), buf.clone())));
+            raw_packets.push_back(Box::new(RawPacket::RtpTx(header.clone(), buf.to_vec())));
         }
 
         let protected = srtp_tx.protect_rtp(buf, &header, *seq_no);
@@ -1678,6 +1680,9 @@ pub struct PacketReceipt {
     pub seq_no: SeqNo,
     pub is_padding: bool,
     pub payload_size: usize,
+    /// PATCH(parley): the packet is the first `len` bytes of the buffer given to
+    /// `StreamTx::poll_packet`, which is left at full length.
+    pub len: usize,
 }
 
 /// Find the PayloadParams for the given Pt, either when the Pt is the main Pt for the Codec or

@@ -717,7 +717,12 @@ impl StreamTx {
             *twcc += 1;
         }
 
-        buf.resize(DATAGRAM_MAX_PACKET_SIZE, 0);
+        // PATCH(parley): the buffer stays at full length between packets (the packet's length
+        // goes in the receipt), so this grows it once rather than zeroing the tail that the
+        // last packet's truncation cut off, about a kilobyte for every audio packet.
+        if buf.len() < DATAGRAM_MAX_PACKET_SIZE {
+            buf.resize(DATAGRAM_MAX_PACKET_SIZE, 0);
+        }
 
         let header_len = header.write_to(buf, exts);
         assert!(header_len % 4 == 0, "RTP header must be multiple of 4");
@@ -766,7 +771,7 @@ impl StreamTx {
             }
         };
 
-        buf.truncate(header_len + body_len);
+        let len = header_len + body_len;
 
         #[cfg(feature = "_internal_dont_use_log_stats")]
         {
@@ -821,6 +826,7 @@ impl StreamTx {
             seq_no,
             is_padding,
             payload_size: body_len,
+            len,
         })
     }
 

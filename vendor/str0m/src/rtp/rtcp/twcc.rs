@@ -1221,9 +1221,21 @@ impl TwccSendRegister {
 
         // The queue is in seq order: find the report's first record by
         // binary search rather than walking every older record.
-        let Ok(first_index) = self.queue.binary_search_by_key(&first_seq_no, |r| r.seq()) else {
-            // Old report for which we no longer have any send records.
-            return None;
+        // PATCH(parley): sequence numbers are handed out one by one, so the record is
+        // usually at its offset from the head; the search is for when they are not.
+        let guess = (*first_seq_no).wrapping_sub(*head_seq) as usize;
+        let first_index = if self
+            .queue
+            .get(guess)
+            .is_some_and(|r| r.seq() == first_seq_no)
+        {
+            guess
+        } else {
+            let Ok(i) = self.queue.binary_search_by_key(&first_seq_no, |r| r.seq()) else {
+                // Old report for which we no longer have any send records.
+                return None;
+            };
+            i
         };
         let mut iter2 = self.queue.range_mut(first_index..);
         let first_record = iter2.next()?;
