@@ -486,7 +486,10 @@ impl Worker {
                     let Some(cmd) = cmd else { break };
                     self.command(cmd);
                 }
-                Some(msg) = inbox.recv() => self.inbound(msg),
+                Some(msg) = inbox.recv() => {
+                    self.inbound(msg);
+                    self.sfu.handle_timeout(Instant::now());
+                }
                 ready = self.io.readable(), if reads => {
                     match ready {
                         // Cleared before reading to the end: a datagram that arrives meanwhile
@@ -498,6 +501,8 @@ impl Worker {
                         }
                     }
                     self.receive(&mut bufs, &mut metas);
+                    // Timeouts that may run late and are due run with these datagrams.
+                    self.sfu.handle_timeout(Instant::now());
                 }
                 Some(ctl) = async { lead.control.as_mut()?.recv().await }, if has_control => {
                     if let Some(reader) = self.reader.as_mut() {

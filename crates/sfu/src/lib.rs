@@ -57,7 +57,11 @@ pub struct Sfu {
     rooms: HashMap<String, Vec<SessionId>>,
     by_ufrag: HashMap<String, SessionId>,
     by_addr: FxHashMap<SocketAddr, SessionId>,
+    /// Sessions' timeouts (`Session::next_timeout`), and their bandwidth estimators'
+    /// delay-control turns that come first (`Session::estimator_timeout`, which may run up to [`TIMER_SLACK`]
+    /// late); both by when they are due.
     timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
+    lax_timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
     events: VecDeque<MediaEvent>,
     transmits: VecDeque<Transmit>,
     /// Sessions whose output must be polled before the next wait, in the order they got work
@@ -94,6 +98,13 @@ const STARVED_PROBE_EVERY: Duration = Duration::from_secs(4);
 /// Assumed need of one forwarded audio track when sharing a subscriber's bandwidth.
 const AUDIO_BITRATE: u64 = 50_000;
 
+/// How late a bandwidth estimator's delay-control turn may run (its rate control counts the
+/// time that passed since its last turn). A worker forwarding a screen share to 29 viewers ran
+/// about 1 000 session timeouts a second, most of them these 25 ms turns, and woke as often for
+/// timers as for datagrams; within this slack a turn runs with the next datagram or timeout of
+/// any session instead.
+pub const TIMER_SLACK: Duration = Duration::from_millis(5);
+
 /// Do not ask a publisher for keyframes more often than this per track.
 pub(crate) const KEYFRAME_THROTTLE: Duration = Duration::from_millis(500);
 
@@ -106,6 +117,7 @@ impl Sfu {
             by_ufrag: HashMap::new(),
             by_addr: FxHashMap::default(),
             timers: BinaryHeap::new(),
+            lax_timers: BinaryHeap::new(),
             events: VecDeque::new(),
             transmits: VecDeque::new(),
             to_drive: VecDeque::new(),
@@ -239,48 +251,59 @@ impl Sfu {
     /// The earliest time [`Sfu::handle_timeout`] must be called.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
         self.drive_pending();
-        let mut session = None;
-        while let Some(Reverse((at, sid))) = self.timers.peek().copied() {
-            match self.sessions.get(&sid) {
-                Some(s) if s.next_timeout == at => {
-                    session = Some(at);
-                    break;
-                }
-                _ => {
-                    self.timers.pop();
-                }
-            }
-        }
-        match (session, self.next_tick) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let sessions = &self.sessions;
+        let strict = next_valid(&mut self.timers, sessions, false);
+        let lax = next_valid(&mut self.lax_timers, sessions, true).map(|at| at + TIMER_SLACK);
+        [strict, lax, self.next_tick].into_iter().flatten().min()
     }
 
-    /// Advances every session whose timer is due.
+    /// Advances every session whose timer is due. Called at [`Sfu::poll_timeout`], and best
+    /// also after datagrams: the timeouts that may run late ([`TIMER_SLACK`]) run then
+    /// instead of waking the caller again.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(Reverse((at, sid))) = self.timers.peek().copied() {
-            if at > now {
-                break;
-            }
-            self.timers.pop();
-            let Some(session) = self.sessions.get_mut(&sid) else {
-                continue;
-            };
-            if session.next_timeout != at {
-                continue;
-            }
-            self.stats.session_timeouts += 1;
-            if let Err(err) = session.rtc.handle_input(Input::Timeout(now)) {
-                tracing::debug!(session = %sid, %err, "timeout refused");
-            }
-            queue(&mut self.to_drive, session);
-        }
+        self.run_due_timers(now);
         if self.next_tick.is_some_and(|t| t <= now) {
             self.tick(now);
         }
         // The sessions are polled as their datagrams are taken (`poll_transmit`).
         self.pending_now = Some(now);
+    }
+
+    /// Runs the timeouts of sessions due by `now`, the lax ones included: whatever woke the
+    /// worker, they run now rather than wake it again.
+    fn run_due_timers(&mut self, now: Instant) {
+        for lax in [false, true] {
+            loop {
+                let heap = if lax {
+                    &mut self.lax_timers
+                } else {
+                    &mut self.timers
+                };
+                let Some(Reverse((at, sid))) = heap.peek().copied() else {
+                    break;
+                };
+                if at > now {
+                    break;
+                }
+                heap.pop();
+                let Some(session) = self.sessions.get_mut(&sid) else {
+                    continue;
+                };
+                let current = if lax {
+                    session.estimator_timeout
+                } else {
+                    Some(session.next_timeout)
+                };
+                if current != Some(at) {
+                    continue;
+                }
+                self.stats.session_timeouts += 1;
+                if let Err(err) = session.rtc.handle_input(Input::Timeout(now)) {
+                    tracing::debug!(session = %sid, %err, "timeout refused");
+                }
+                queue(&mut self.to_drive, session);
+            }
+        }
     }
 
     /// The next datagram to send. Sessions with work are polled one at a time, as their
@@ -528,6 +551,12 @@ impl Sfu {
             if session.next_timeout != timeout {
                 session.next_timeout = timeout;
                 self.timers.push(Reverse((timeout, sid)));
+            }
+            if session.estimator_timeout != out.estimator {
+                session.estimator_timeout = out.estimator;
+                if let Some(at) = out.estimator {
+                    self.lax_timers.push(Reverse((at, sid)));
+                }
             }
             for added in out.tracks_added {
                 self.publish(sid, added.0, added.1);
@@ -941,6 +970,24 @@ impl Sfu {
             self.mark(publisher);
         }
     }
+}
+
+/// The earliest timeout in `heap` that is still its session's (older entries are dropped).
+fn next_valid(
+    heap: &mut BinaryHeap<Reverse<(Instant, SessionId)>>,
+    sessions: &FxHashMap<SessionId, Session>,
+    lax: bool,
+) -> Option<Instant> {
+    while let Some(Reverse((at, sid))) = heap.peek().copied() {
+        match sessions.get(&sid) {
+            Some(s) if lax && s.estimator_timeout == Some(at) => return Some(at),
+            Some(s) if !lax && s.next_timeout == at => return Some(at),
+            _ => {
+                heap.pop();
+            }
+        }
+    }
+    None
 }
 
 /// Queues a session to be polled, once.

@@ -11,7 +11,7 @@ use str0m::crypto::dtls::DtlsCert;
 use str0m::format::PayloadParams;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid};
 use str0m::rtp::{ExtensionValues, RedDecoder, RtpPacket, RtpWrite, Vp8Descriptor};
-use str0m::{Event, IceConnectionState, Input, Output, Rtc};
+use str0m::{Event, IceConnectionState, Input, Output, Reason, Rtc};
 
 use crate::Transmit;
 use crate::alloc::Want;
@@ -33,6 +33,9 @@ pub(crate) struct Session {
     pub stream_id: String,
     pub rtc: Rtc,
     pub next_timeout: Instant,
+    /// When the bandwidth estimator's delay-control turn is due, if before `next_timeout`: in
+    /// the SFU's heap of timers that may run late.
+    pub estimator_timeout: Option<Instant>,
     /// Waiting in the SFU's queue of sessions to poll.
     pub queued: bool,
     /// Whether str0m's bandwidth estimator is paused (no video to this participant).
@@ -265,6 +268,9 @@ impl TrackOut {
 /// What one round of polling a session produced that concerns other sessions.
 pub(crate) struct PollOut {
     pub timeout: Instant,
+    /// The bandwidth estimator's delay-control turn, when it comes before `timeout`: it may
+    /// run late.
+    pub estimator: Option<Instant>,
     /// Tracks whose first packet arrived: to be offered to the room.
     pub tracks_added: Vec<(Mid, MediaKind)>,
     pub tracks_removed: Vec<Mid>,
@@ -378,6 +384,7 @@ impl Session {
             stream_id,
             rtc,
             next_timeout: now,
+            estimator_timeout: None,
             queued: false,
             tracks_in: Vec::new(),
             tracks_out: Vec::new(),
@@ -610,6 +617,7 @@ impl Session {
         self.send_deferred_keyframes(now, crate::KEYFRAME_THROTTLE);
         let mut out = PollOut {
             timeout: now + Duration::from_secs(1),
+            estimator: None,
             tracks_added: Vec::new(),
             tracks_removed: Vec::new(),
             keyframe_requests: Vec::new(),
@@ -637,7 +645,15 @@ impl Session {
                     }
                 }
                 Output::Timeout(t) => {
-                    out.timeout = t;
+                    // The bandwidth estimator's 25 ms delay-control turn may run a little
+                    // late ([`crate::TIMER_SLACK`]); everything else on time, the pacer and
+                    // the estimator's probes included (late probe turns kept a simulated
+                    // link from recovering its top layer).
+                    let rest = self.rtc.timeout_without_estimator();
+                    if rest > t && self.rtc.last_timeout_reason() == Reason::BweDelayControl {
+                        out.estimator = Some(t);
+                    }
+                    out.timeout = rest;
                     break;
                 }
                 Output::Event(event) => {

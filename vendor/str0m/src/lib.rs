@@ -1952,6 +1952,18 @@ impl Rtc {
         self.last_timeout_reason
     }
 
+    /// PATCH(parley): when the last [`Output::Timeout`] was the bandwidth estimator's turn
+    /// ([`Reason::BweDelayControl`], [`Reason::BweProbeControl`],
+    /// [`Reason::BweProbeEstimator`]), the time of everything else in this `Rtc`: the pacer,
+    /// reports, feedback, ICE, DTLS. Otherwise the same time as that timeout.
+    ///
+    /// An application with many sessions may run the estimator's turn a few milliseconds late,
+    /// with other work, and still call [`Rtc::handle_input`] with [`Input::Timeout`] by this
+    /// time. A late turn does not hold back [`change::DirectApi::send_rtp_now`].
+    pub fn timeout_without_estimator(&self) -> Instant {
+        self.cached_rest_timeout.max(self.cached_timeout)
+    }
+
     /// Check if this `Rtc` instance accepts the given input. This is used for demultiplexing
     /// several `Rtc` instances over the same UDP server socket.
     ///

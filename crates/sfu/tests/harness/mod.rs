@@ -472,12 +472,18 @@ impl World {
             }
         }
         // Uplinks → SFU.
+        let mut received = false;
         for i in 0..self.peers.len() {
             for t in self.peers[i].up.due(now) {
                 self.sfu
                     .handle_datagram(now, Protocol::Udp, t.source, t.destination, &t.contents);
                 str0m::net::recycle(t.contents.into());
+                received = true;
             }
+        }
+        if received {
+            // As the server's media loop does: timeouts that may run late run with datagrams.
+            self.sfu.handle_timeout(now);
         }
         // SFU → downlinks. Each peer has its own IP; any of its ports is reachable.
         while let Some(t) = self.sfu.poll_transmit() {

@@ -387,7 +387,10 @@ impl<'a> DirectApi<'a> {
         };
         // A paced packet may overtake nothing: no other stream may hold a packet that the
         // pacer has not seen, and no timer may be due (it could be the pacer's).
-        let paced_ok = !m.readiness.wants_timeout() && m.cached_timeout > now;
+        // PATCH(parley): a due turn of the bandwidth estimator alone does not count: it is
+        // not the pacer's, and an application may run it a little late
+        // (`Rtc::timeout_without_estimator`).
+        let paced_ok = !m.readiness.wants_timeout() && m.cached_rest_timeout > now;
         match m.session.send_now(now, MidRid(mid, None), rtp, paced_ok) {
             Err(rtp) => {
                 m.no_events();
