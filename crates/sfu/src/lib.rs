@@ -58,8 +58,8 @@ pub struct Sfu {
     by_ufrag: HashMap<String, SessionId>,
     by_addr: FxHashMap<SocketAddr, SessionId>,
     /// Sessions' timeouts (`Session::next_timeout`), and their bandwidth estimators'
-    /// delay-control turns that come first (`Session::estimator_timeout`, which may run up to [`TIMER_SLACK`]
-    /// late); both by when they are due.
+    /// delay-control turns that come first (`Session::estimator_timeout`, which may run up to
+    /// [`TIMER_SLACK`] late); both by when they are due.
     timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
     lax_timers: BinaryHeap<Reverse<(Instant, SessionId)>>,
     events: VecDeque<MediaEvent>,
