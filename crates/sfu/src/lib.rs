@@ -289,12 +289,7 @@ impl Sfu {
                 let Some(session) = self.sessions.get_mut(&sid) else {
                     continue;
                 };
-                let current = if lax {
-                    session.estimator_timeout
-                } else {
-                    Some(session.next_timeout)
-                };
-                if current != Some(at) {
+                if session.timer(lax) != Some(at) {
                     continue;
                 }
                 self.stats.session_timeouts += 1;
@@ -980,8 +975,7 @@ fn next_valid(
 ) -> Option<Instant> {
     while let Some(Reverse((at, sid))) = heap.peek().copied() {
         match sessions.get(&sid) {
-            Some(s) if lax && s.estimator_timeout == Some(at) => return Some(at),
-            Some(s) if !lax && s.next_timeout == at => return Some(at),
+            Some(s) if s.timer(lax) == Some(at) => return Some(at),
             _ => {
                 heap.pop();
             }

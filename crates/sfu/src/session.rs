@@ -603,6 +603,15 @@ impl Session {
         });
     }
 
+    /// This session's current entry in the SFU's heap of timers, or of lax timers.
+    pub fn timer(&self, lax: bool) -> Option<Instant> {
+        if lax {
+            self.estimator_timeout
+        } else {
+            Some(self.next_timeout)
+        }
+    }
+
     /// Drains str0m's output: datagrams go to `transmits`, events for signaling to `events`,
     /// and what concerns other sessions is returned.
     pub fn poll(
