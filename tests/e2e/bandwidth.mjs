@@ -61,17 +61,16 @@ async function fromPublisher(pid) {
   return r;
 }
 
-/** In a page: the local UDP port of the selected ICE candidate pair. */
+/** In a page: the local UDP port of the transport's selected ICE candidate pair, or null. */
 async function localMediaPort() {
   const stats = await window.parley.client.pc.getStats();
   let port = null;
   stats.forEach((s) => {
-    if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded") {
-      const local = stats.get(s.localCandidateId);
-      if (local && local.protocol === "udp") port = local.port;
-    }
+    if (s.type !== "transport" || !s.selectedCandidatePairId) return;
+    const pair = stats.get(s.selectedCandidatePairId);
+    const local = pair && stats.get(pair.localCandidateId);
+    if (local && local.protocol === "udp") port = local.port;
   });
-  if (!port) throw new Error("no selected UDP candidate pair");
   return port;
 }
 
@@ -115,7 +114,15 @@ await runTest("bandwidth", {
     );
     log(`viewer decodes: ${JSON.stringify(s)}`);
 
-    const viewerPort = await pages.View.evaluate(localMediaPort);
+    // The selected pair shows in the stats a little after the media does.
+    let viewerPort = null;
+    await waitFor(
+      async () => {
+        viewerPort = await pages.View.evaluate(localMediaPort);
+        return viewerPort !== null;
+      },
+      { timeoutMs: 5000, intervalMs: 200, message: "the viewer's selected UDP candidate pair" },
+    );
     limit(server.rtcPort, viewerPort);
     const limitedAt = Date.now();
     log(`UDP from the media port to the viewer (port ${viewerPort}) limited to ${LIMIT}`);

@@ -62,6 +62,8 @@ pub struct Peer {
     pub simulcast: bool,
     /// Bytes of a delta frame of a video without simulcast (keyframes are three times as big).
     pub frame_bytes: usize,
+    /// Bytes of each 20 ms audio packet's payload (Chromium's Opus with RED: about 120).
+    pub audio_bytes: usize,
     /// Tracks and layers asked for a keyframe by the SFU (`None`: the single layer).
     pub keyframe_wanted: Vec<(Mid, Option<Rid>)>,
     /// The layer marker of the last video frame received, per publisher stream id.
@@ -301,6 +303,7 @@ impl World {
             audio_frames: 0,
             simulcast,
             frame_bytes: 600,
+            audio_bytes: 20,
             keyframe_wanted: Vec::new(),
             last_layer: HashMap::new(),
             layer_frames: HashMap::new(),
@@ -587,9 +590,12 @@ impl Peer {
                     .map(|p| p.pt());
                 if let Some(pt) = pt {
                     let t = MediaTime::new(self.audio_frames * 960, Frequency::FORTY_EIGHT_KHZ);
-                    let _ =
-                        w.audio_level(self.audio_level, true)
-                            .write(pt, now, t, vec![0x55u8; 20]);
+                    let _ = w.audio_level(self.audio_level, true).write(
+                        pt,
+                        now,
+                        t,
+                        vec![0x55u8; self.audio_bytes],
+                    );
                 }
             }
         }

@@ -172,6 +172,16 @@ impl LossController {
         self.current_estimate.loss_limited_bandwidth = bandwidth_estimate;
     }
 
+    /// PATCH(parley): raises the loss-limited estimate to `bitrate` if it is lower and on its
+    /// way back up (the `Increasing` state): a probe delivered at `bitrate`.
+    pub fn raise_increasing_estimate(&mut self, bitrate: Bitrate) {
+        if self.state == LossControllerState::Increasing
+            && self.current_estimate.loss_limited_bandwidth < bitrate
+        {
+            self.current_estimate.loss_limited_bandwidth = bitrate;
+        }
+    }
+
     /// Update the acknowledged bitrate based on TWCC feedback.
     pub fn set_acknowledged_bitrate(&mut self, acknowledged_bitrate: Bitrate) {
         self.acknowledged_bitrate = acknowledged_bitrate;

@@ -295,6 +295,14 @@ impl SendSideBandwidthEstimator {
         // When probe succeeds, set bandwidth directly
         if is_probe_result {
             self.loss_controller.set_bandwidth_estimate(delay_estimate);
+        } else if let Some((bitrate, _)) = latest_probe_result {
+            // PATCH(parley): a probe that the delay controller had no use for (it stayed under
+            // the delay-based estimate without saturating the link) still shows that the link
+            // carried it. A loss-limited estimate on its way back up may rise to it: otherwise
+            // it can only grow to 1.5 times what the application sends, and an application
+            // that sends only audio because the estimate is low never gets its video back.
+            self.loss_controller
+                .raise_increasing_estimate(bitrate.min(delay_estimate));
         }
 
         if let Some(acked_bitrate) = acked_bitrate {
