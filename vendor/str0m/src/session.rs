@@ -1455,7 +1455,10 @@ impl Session {
     fn nack_at(&self) -> Option<Instant> {
         // Paused streams stop counting as NACK-enabled once their pending retries finish,
         // so an idle session doesn't wake every NACK_MIN_INTERVAL for as long as it lives.
-        if !self.streams.any_nack_enabled() {
+        // PATCH(parley): and streams with nothing missing need no NACK turn either. A gap
+        // makes the NACK due at once if the last turn was over 33 ms ago, as libwebrtc sends
+        // its first NACK when it sees the gap.
+        if !self.streams.any_nack_pending() {
             return None;
         }
 

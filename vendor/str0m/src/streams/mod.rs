@@ -783,8 +783,9 @@ impl Streams {
     /// Whether any receive stream currently needs NACK reports (see [`StreamRx::nack_enabled`]).
     ///
     /// Not cached: the answer changes with pause state and pending NACK retries.
-    pub(crate) fn any_nack_enabled(&self) -> bool {
-        self.streams_rx.values().any(|s| s.nack_enabled())
+    /// PATCH(parley): whether any stream has a NACK due or waiting for its retry.
+    pub(crate) fn any_nack_pending(&self) -> bool {
+        self.streams_rx.values().any(|s| s.nack_pending())
     }
 
     fn rx_lookup_at(&self) -> Instant {

@@ -829,6 +829,13 @@ impl StreamRx {
         register.has_pending_nacks()
     }
 
+    /// PATCH(parley): whether the session's NACK timer is needed for this stream: a NACK is
+    /// due or waits for its retry. Upstream kept the timer for every unpaused stream, so a
+    /// publisher's session took a turn every 33 ms with nothing missing.
+    pub(crate) fn nack_pending(&self) -> bool {
+        !self.suppress_nack && self.register.as_ref().is_some_and(|r| r.has_pending_nacks())
+    }
+
     pub(crate) fn maybe_create_nack(
         &mut self,
         now: Instant,
