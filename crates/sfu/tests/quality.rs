@@ -363,7 +363,6 @@ fn muted_participants_leave_the_bandwidth_to_video() {
     let _ = ada;
 }
 
-/// Whether `viewer` was told that `publisher`'s video was paused for bandwidth.
 /// Whether the last word on `publisher`'s video to `viewer` was that it is paused.
 fn paused_now(w: &World, viewer: usize, publisher: usize) -> bool {
     let (v, p) = (w.peers[viewer].session, w.peers[publisher].session);
@@ -378,6 +377,7 @@ fn paused_now(w: &World, viewer: usize, publisher: usize) -> bool {
     }) == Some(true)
 }
 
+/// Whether `viewer` was told that `publisher`'s video was paused for bandwidth.
 fn was_paused(w: &World, viewer: usize, publisher: usize) -> bool {
     let (v, p) = (w.peers[viewer].session, w.peers[publisher].session);
     w.events.iter().any(|e| {

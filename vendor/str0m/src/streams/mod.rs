@@ -780,10 +780,10 @@ impl Streams {
             .find(|s| s.ssrc() == ssrc || s.rtx() == Some(ssrc))
     }
 
-    /// Whether any receive stream currently needs NACK reports (see [`StreamRx::nack_enabled`]).
+    /// PATCH(parley): whether any receive stream has a NACK due or waiting for its retry
+    /// (upstream: whether any needs NACK reports at all, `StreamRx::nack_enabled`).
     ///
-    /// Not cached: the answer changes with pause state and pending NACK retries.
-    /// PATCH(parley): whether any stream has a NACK due or waiting for its retry.
+    /// Not cached: the answer changes with every packet received and every NACK sent.
     pub(crate) fn any_nack_pending(&self) -> bool {
         self.streams_rx.values().any(|s| s.nack_pending())
     }
