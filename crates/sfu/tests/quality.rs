@@ -240,7 +240,8 @@ fn a_link_too_thin_for_video_pauses_it_and_audio_continues() {
 /// audio the size of Chromium's Opus with RED (about 50 kbit/s on the wire). While the video
 /// is paused only the audio is acknowledged, and a loss-limited estimate may grow only to 1.5
 /// times that. Before probes could raise it (str0m patch 23), the video came back 11.8 s after
-/// the link when it had been paused for one second, and not at all after three.
+/// the link when it had been paused for one second, and not at all after three; now after 8.8
+/// and 6.4 s, within the 10 s allowed (the simulation is deterministic).
 #[test]
 fn a_video_paused_beside_chromium_sized_audio_comes_back_with_the_link() {
     for pause in [1, 3] {
@@ -261,7 +262,7 @@ fn a_video_paused_beside_chromium_sized_audio_comes_back_with_the_link() {
         });
         w.run(Duration::from_secs(pause));
         w.peers[bob].down.rate = None;
-        let took = w.run_until(Duration::from_secs(15), "video resumed", |w| {
+        let took = w.run_until(Duration::from_secs(10), "video resumed", |w| {
             !paused_now(w, bob, ada)
         });
         eprintln!(
