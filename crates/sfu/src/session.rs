@@ -66,8 +66,11 @@ pub(crate) struct Session {
     pub can_subscribe: bool,
     /// The padding floor and probing goal last given to the bandwidth estimator.
     pub bwe_asked: Option<(u64, u64)>,
-    /// When the estimator was last asked to probe for more while starved.
+    /// While a video is paused for bandwidth: when the estimator was last asked to probe for
+    /// more, the estimate then (bits/s), and the wait before the next probe.
     pub last_probe: Option<Instant>,
+    pub probe_from: u64,
+    pub probe_every: Duration,
 }
 
 pub(crate) struct TrackIn {
@@ -402,6 +405,8 @@ impl Session {
             can_subscribe: true,
             bwe_asked: None,
             last_probe: None,
+            probe_from: 0,
+            probe_every: crate::STARVED_PROBE_MIN,
             estimator_paused: true,
         }
     }

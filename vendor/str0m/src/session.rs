@@ -1579,6 +1579,11 @@ impl Session {
     }
 
     /// PATCH(parley): pauses or resumes the estimator, see `Bwe::set_paused`.
+    /// PATCH(parley): see `Bwe::may_probe` in `src/bwe/api.rs`.
+    pub fn bwe_may_probe(&self) -> bool {
+        !self.bwe_paused && self.bwe.as_ref().is_some_and(|b| b.may_probe())
+    }
+
     pub fn set_bwe_paused(&mut self, paused: bool) {
         self.bwe_paused = paused;
     }

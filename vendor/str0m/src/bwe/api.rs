@@ -149,6 +149,20 @@ impl<'a> Bwe<'a> {
         m.no_timeout();
     }
 
+    /// Whether a probe asked for now, by raising `desired` in
+    /// [`set_bitrate`][Self::set_bitrate], could start.
+    ///
+    /// False while the estimator is paused or not enabled, and while it holds the estimate down
+    /// for loss it still sees or for rising delay: it does not probe then, and an increase of
+    /// `desired` passes without one. An application that probes sparingly, such as an SFU
+    /// probing a link too thin for video every few seconds, can wait for this instead of
+    /// spending its turn.
+    ///
+    /// PATCH(parley): not in upstream str0m 0.25.
+    pub fn may_probe(&self) -> bool {
+        self.0.session.bwe_may_probe()
+    }
+
     /// Reset the BWE with a new init_bitrate
     ///
     /// This discards the current estimator state and starts estimation again

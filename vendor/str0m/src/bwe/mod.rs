@@ -127,6 +127,11 @@ impl Bwe {
         self.bwe.is_overusing()
     }
 
+    /// PATCH(parley): whether the probe controller may start a probe now.
+    pub fn may_probe(&self) -> bool {
+        self.bwe.bandwidth_limited_cause().allows_probing()
+    }
+
     pub fn set_bitrate(&mut self, minimum: Bitrate, desired: Bitrate) {
         self.minimum_bitrate = minimum.min(desired);
         self.desired_bitrate = desired;
@@ -147,7 +152,7 @@ struct SendSideBandwidthEstimator {
     started_at: Option<Instant>,
     alr_detector: AlrDetector,
     link_capacity_estimator: LinkCapacityEstimator,
-    last_updated_estimate: Option<Bitrate>,
+    last_updated_estimate: Option<(Bitrate, BandwidthLimitedCause)>,
     /// PATCH(parley): the acknowledged packets of the report in hand, kept between reports
     /// (upstream grew a new vector for each report).
     acked_scratch: Vec<AckedPacket>,
@@ -393,18 +398,22 @@ impl SendSideBandwidthEstimator {
         let Some(estimate) = self.last_estimate() else {
             return;
         };
+        // PATCH(parley): or the cause, as libwebrtc passes a change of the loss-based state
+        // on: the probe controller gates on it, and an estimate that stays put while the
+        // loss controller turns from decreasing to increasing would otherwise leave probing
+        // blocked until the estimate moves.
+        let cause = self.bandwidth_limited_cause();
+
         // Did it change?
-        if self.last_updated_estimate == Some(estimate) {
+        if self.last_updated_estimate == Some((estimate, cause)) {
             return;
         }
-
-        let cause = self.bandwidth_limited_cause();
 
         self.probe_control.set_estimated_bitrate(estimate, cause);
         self.alr_detector.set_estimated_bitrate(estimate);
 
         // Don't update until this changes.
-        self.last_updated_estimate = Some(estimate);
+        self.last_updated_estimate = Some((estimate, cause));
     }
 
     fn bandwidth_limited_cause(&self) -> BandwidthLimitedCause {

@@ -600,13 +600,7 @@ impl ProbeControl {
             return false;
         }
 
-        // Only probe when delay-limited or loss-limited-but-increasing.
-        // Don't probe during active congestion (loss-limited, delay-increased).
-        matches!(
-            self.last_cause,
-            BandwidthLimitedCause::LossLimitedBweIncreasing
-                | BandwidthLimitedCause::DelayBasedLimited
-        )
+        self.last_cause.allows_probing()
     }
 
     fn in_alr(&self) -> bool {
@@ -683,6 +677,17 @@ impl Default for Config {
 }
 
 impl BandwidthLimitedCause {
+    /// Only probe when delay-limited or loss-limited-but-increasing.
+    /// Don't probe during active congestion (loss-limited, delay-increased).
+    /// PATCH(parley): moved here from `can_probe`, for `Bwe::may_probe`.
+    pub fn allows_probing(&self) -> bool {
+        matches!(
+            self,
+            BandwidthLimitedCause::LossLimitedBweIncreasing
+                | BandwidthLimitedCause::DelayBasedLimited
+        )
+    }
+
     /// Probe scale factor for exponential probing.
     ///
     /// When loss-limited but increasing, use a more conservative 1.575× (1.5 * 1.05).
