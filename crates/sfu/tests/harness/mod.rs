@@ -93,6 +93,38 @@ pub struct Link {
     pub carried: [u64; 3],
     /// RTP bytes carried by payload type (RTCP under 200..=206 counted as 255).
     pub by_pt: HashMap<u8, u64>,
+    /// RTP packets carried by payload type, and of those the ones with each one-byte header
+    /// extension id (index 1 to 14) in the clear part of the header.
+    pub exts_by_pt: HashMap<u8, [u64; 16]>,
+}
+
+/// The one-byte header extension ids in an RTP packet (RFC 8285), as a bit set.
+fn extension_ids(p: &[u8]) -> u16 {
+    let Some(&b0) = p.first() else {
+        return 0;
+    };
+    let at = 12 + 4 * (b0 & 0x0f) as usize;
+    if b0 & 0x10 == 0 || p.get(at..at + 2) != Some(&[0xbe, 0xde]) {
+        return 0;
+    }
+    let Some(words) = p.get(at + 2..at + 4) else {
+        return 0;
+    };
+    let end = (at + 4 + 4 * u16::from_be_bytes([words[0], words[1]]) as usize).min(p.len());
+    let (mut i, mut ids) = (at + 4, 0u16);
+    while i < end {
+        let id = p[i] >> 4;
+        if id == 0 {
+            i += 1;
+            continue;
+        }
+        if id == 15 {
+            break;
+        }
+        ids |= 1 << id;
+        i += 2 + (p[i] & 0x0f) as usize;
+    }
+    ids
 }
 
 /// A queue longer than this drops datagrams (a router's buffer).
@@ -109,6 +141,7 @@ impl Link {
             dropped: 0,
             carried: [0; 3],
             by_pt: HashMap::new(),
+            exts_by_pt: HashMap::new(),
         }
     }
 
@@ -152,6 +185,14 @@ impl Link {
                     pt & 0x7f
                 };
                 *self.by_pt.entry(key).or_default() += len;
+                if key != 255 {
+                    let ids = extension_ids(&t.contents);
+                    let counts = self.exts_by_pt.entry(key).or_default();
+                    counts[0] += 1;
+                    for (id, n) in counts.iter_mut().enumerate().skip(1) {
+                        *n += u64::from(ids >> id & 1);
+                    }
+                }
             }
             None => {}
         }
