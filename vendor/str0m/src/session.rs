@@ -1286,9 +1286,15 @@ impl Session {
         if !stream.is_unpaced() && !(paced_ok && self.pacer.may_send_now(now)) {
             return Err(rtp);
         }
-        stream.write_rtp(rtp);
-        stream.stamp_queue(now);
-        Ok(self.poll_packet_of(now, midrid, None))
+        // PATCH(parley): the packet skips the send queue (`StreamTx::write_rtp_now`).
+        stream.write_rtp_now(rtp, now);
+        let sent = self.poll_packet_of(now, midrid, None);
+        if sent.is_none()
+            && let Some(stream) = self.streams.stream_tx_by_midrid(midrid)
+        {
+            stream.requeue_direct(now);
+        }
+        Ok(sent)
     }
 
     fn poll_packet_of(

@@ -124,6 +124,10 @@ pub struct StreamTx {
     /// They must be updated when we are about to send.
     send_queue: SendQueue,
 
+    /// PATCH(parley): a packet sent at once (`Session::send_now`). It is polled as the head of
+    /// an empty send queue would be, without going in and out of the queue.
+    direct: Option<RtpPacket>,
+
     /// The queue information sampled during the latest pacer update.
     queue_info: Option<QueueSnapshot>,
 
@@ -374,6 +378,7 @@ impl StreamTx {
             last_used: already_happened(),
             rtp_and_wallclock: None,
             send_queue: SendQueue::new(),
+            direct: None,
             queue_info: None,
             unpaced: None,
             resends: VecDeque::new(),
@@ -491,6 +496,30 @@ impl StreamTx {
     ///
     /// The write command carries the RTP payload and optional RTP metadata.
     pub fn write_rtp(&mut self, rtp: RtpWrite) {
+        let packet = self.make_packet(rtp);
+        self.send_queue.push(packet);
+    }
+
+    /// PATCH(parley): writes a packet to be polled at once, at `now`, in place of the head of
+    /// the (empty) send queue. `Session::send_now` polls it right after; `requeue_direct`
+    /// queues it if that did not happen.
+    pub(crate) fn write_rtp_now(&mut self, rtp: RtpWrite, now: Instant) {
+        debug_assert!(self.send_queue.is_empty() && self.direct.is_none());
+        let mut packet = self.make_packet(rtp);
+        packet.timestamp = now;
+        self.direct = Some(packet);
+    }
+
+    /// PATCH(parley): queues a packet written with `write_rtp_now` that was not sent.
+    pub(crate) fn requeue_direct(&mut self, now: Instant) {
+        if let Some(packet) = self.direct.take() {
+            self.send_queue.push(packet);
+            self.send_queue.handle_timeout(now);
+        }
+    }
+
+    /// The packet `write_rtp` queues.
+    fn make_packet(&mut self, rtp: RtpWrite) -> RtpPacket {
         let RtpWrite {
             pt,
             seq_no,
@@ -552,7 +581,7 @@ impl StreamTx {
             last_sender_info: None,
         };
 
-        self.send_queue.push(packet);
+        packet
     }
 
     fn padding_enabled(&self) -> bool {
@@ -619,7 +648,7 @@ impl StreamTx {
             warn!("Media is missing PT ({}) used in RTP packet", pt_main);
 
             // Get rid of this packet we can't send.
-            if pop_send_queue {
+            if pop_send_queue && self.direct.take().is_none() {
                 self.send_queue.pop(now);
             }
 
@@ -812,10 +841,17 @@ impl StreamTx {
 
         if pop_send_queue {
             // poll_packet_regular leaves the packet in the head of the send_queue
-            let pkt = self
-                .send_queue
-                .pop(now)
-                .expect("head of send_queue to be there");
+            // PATCH(parley): or where `write_rtp_now` put it.
+            let pkt = match self.direct.take() {
+                Some(pkt) => {
+                    self.send_queue.note_emitted(now);
+                    pkt
+                }
+                None => self
+                    .send_queue
+                    .pop(now)
+                    .expect("head of send_queue to be there"),
+            };
             if pkt.nackable {
                 self.rtx_cache.cache_sent_packet(pkt, now);
             }
@@ -919,7 +955,11 @@ impl StreamTx {
         // exit via ? here is ok since that means there is nothing to send.
         // The packet remains in the head of the send queue until we
         // finish poll_packet, at which point we move it to the cache.
-        let pkt = self.send_queue.peek()?;
+        // PATCH(parley): a packet written with `write_rtp_now` comes first.
+        let pkt = match &mut self.direct {
+            Some(pkt) => pkt,
+            None => self.send_queue.peek()?,
+        };
 
         let len = pkt.payload.len() as u64;
         self.stats.update_packet_counts(len, false);
@@ -1016,11 +1056,6 @@ impl StreamTx {
             && self.send_queue.is_empty()
             && self.resends.is_empty()
             && self.padding == 0
-    }
-
-    // PATCH(parley): timestamps what was just written, as the session's timeout would.
-    pub(crate) fn stamp_queue(&mut self, now: Instant) {
-        self.send_queue.handle_timeout(now);
     }
 
     fn is_audio(&self) -> bool {
