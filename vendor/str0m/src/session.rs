@@ -116,6 +116,9 @@ pub(crate) struct Session {
 
     // temporary buffer when getting the next (unencrypted) RTP packet from Media line.
     poll_packet_buf: Vec<u8>,
+    /// PATCH(parley): the packet `send_now` is sending, which skips the send queue: one slot
+    /// per session rather than per send stream.
+    direct_packet: Option<RtpPacket>,
 
     // Next packet for RtpPacket event.
     pending_packet: Option<RtpPacket>,
@@ -218,6 +221,7 @@ impl Session {
             bwe_paused: false,
             audio_transport_cc: true,
             poll_packet_buf: vec![0; 2000],
+            direct_packet: None,
             pending_packet: None,
             media_bytes_rx: 0,
             media_bytes_tx: 0,
@@ -1286,13 +1290,13 @@ impl Session {
         if !stream.is_unpaced() && !(paced_ok && self.pacer.may_send_now(now)) {
             return Err(rtp);
         }
-        // PATCH(parley): the packet skips the send queue (`StreamTx::write_rtp_now`).
-        stream.write_rtp_now(rtp, now);
+        // PATCH(parley): the packet skips the send queue (`StreamTx::packet_now`).
+        self.direct_packet = Some(stream.packet_now(rtp, now));
         let sent = self.poll_packet_of(now, midrid, None);
-        if sent.is_none()
+        if let Some(packet) = self.direct_packet.take()
             && let Some(stream) = self.streams.stream_tx_by_midrid(midrid)
         {
-            stream.requeue_direct(now);
+            stream.requeue(packet, now);
         }
         Ok(sent)
     }
@@ -1322,7 +1326,8 @@ impl Session {
             && (self.audio_transport_cc || !media.kind().is_audio());
         let twcc = twcc_enabled.then_some(&mut self.twcc);
 
-        let receipt = stream.poll_packet(now, exts, twcc, params, buf)?;
+        let receipt =
+            stream.poll_packet_with(now, exts, twcc, params, buf, &mut self.direct_packet)?;
 
         let PacketReceipt {
             header,
@@ -1584,12 +1589,12 @@ impl Session {
         self.bwe.is_some() && !self.bwe_paused
     }
 
-    /// PATCH(parley): pauses or resumes the estimator, see `Bwe::set_paused`.
     /// PATCH(parley): see `Bwe::may_probe` in `src/bwe/api.rs`.
     pub fn bwe_may_probe(&self) -> bool {
         !self.bwe_paused && self.bwe.as_ref().is_some_and(|b| b.may_probe())
     }
 
+    /// PATCH(parley): pauses or resumes the estimator, see `Bwe::set_paused`.
     pub fn set_bwe_paused(&mut self, paused: bool) {
         self.bwe_paused = paused;
     }

@@ -124,10 +124,6 @@ pub struct StreamTx {
     /// They must be updated when we are about to send.
     send_queue: SendQueue,
 
-    /// PATCH(parley): a packet sent at once (`Session::send_now`). It is polled as the head of
-    /// an empty send queue would be, without going in and out of the queue.
-    direct: Option<RtpPacket>,
-
     /// The queue information sampled during the latest pacer update.
     queue_info: Option<QueueSnapshot>,
 
@@ -378,7 +374,6 @@ impl StreamTx {
             last_used: already_happened(),
             rtp_and_wallclock: None,
             send_queue: SendQueue::new(),
-            direct: None,
             queue_info: None,
             unpaced: None,
             resends: VecDeque::new(),
@@ -500,22 +495,20 @@ impl StreamTx {
         self.send_queue.push(packet);
     }
 
-    /// PATCH(parley): writes a packet to be polled at once, at `now`, in place of the head of
-    /// the (empty) send queue. `Session::send_now` polls it right after; `requeue_direct`
-    /// queues it if that did not happen.
-    pub(crate) fn write_rtp_now(&mut self, rtp: RtpWrite, now: Instant) {
-        debug_assert!(self.send_queue.is_empty() && self.direct.is_none());
+    /// PATCH(parley): the packet `write_rtp` would queue, to be sent at once, at `now`, in place
+    /// of the head of the (empty) send queue: `Session::send_now` keeps it in a slot of its own
+    /// and polls it (`poll_packet_with`), or queues it (`requeue`) if it was not sent after all.
+    pub(crate) fn packet_now(&mut self, rtp: RtpWrite, now: Instant) -> RtpPacket {
+        debug_assert!(self.send_queue.is_empty());
         let mut packet = self.make_packet(rtp);
         packet.timestamp = now;
-        self.direct = Some(packet);
+        packet
     }
 
-    /// PATCH(parley): queues a packet written with `write_rtp_now` that was not sent.
-    pub(crate) fn requeue_direct(&mut self, now: Instant) {
-        if let Some(packet) = self.direct.take() {
-            self.send_queue.push(packet);
-            self.send_queue.handle_timeout(now);
-        }
+    /// PATCH(parley): queues a packet from `packet_now` that was not sent.
+    pub(crate) fn requeue(&mut self, packet: RtpPacket, now: Instant) {
+        self.send_queue.push(packet);
+        self.send_queue.handle_timeout(now);
     }
 
     /// The packet `write_rtp` queues.
@@ -588,6 +581,8 @@ impl StreamTx {
         (self.ssrc.is_probe() || self.rtx.is_some()) && self.pt_for_padding.is_some()
     }
 
+    // PATCH(parley): the session polls through `poll_packet_with`; this stays for the tests.
+    #[cfg(test)]
     pub(crate) fn poll_packet(
         &mut self,
         now: Instant,
@@ -595,6 +590,20 @@ impl StreamTx {
         twcc: Option<&mut u64>,
         params: &[PayloadParams],
         buf: &mut Vec<u8>,
+    ) -> Option<PacketReceipt> {
+        self.poll_packet_with(now, exts, twcc, params, buf, &mut None)
+    }
+
+    /// PATCH(parley): `poll_packet`, where a packet in `direct` (from `packet_now`) comes
+    /// first, as the head of the send queue would. It is taken when sent.
+    pub(crate) fn poll_packet_with(
+        &mut self,
+        now: Instant,
+        exts: &ExtensionMap,
+        twcc: Option<&mut u64>,
+        params: &[PayloadParams],
+        buf: &mut Vec<u8>,
+        direct: &mut Option<RtpPacket>,
     ) -> Option<PacketReceipt> {
         let mid = self.midrid.mid();
         let rid = self.midrid.rid();
@@ -608,7 +617,7 @@ impl StreamTx {
 
         let (next, is_padding) = if let Some(next) = self.poll_packet_resend(now) {
             (next, false)
-        } else if let Some(next) = self.poll_packet_regular(now) {
+        } else if let Some(next) = self.poll_packet_regular(now, direct) {
             (next, false)
         } else {
             let next = self.poll_packet_padding(now)?;
@@ -648,7 +657,7 @@ impl StreamTx {
             warn!("Media is missing PT ({}) used in RTP packet", pt_main);
 
             // Get rid of this packet we can't send.
-            if pop_send_queue && self.direct.take().is_none() {
+            if pop_send_queue && direct.take().is_none() {
                 self.send_queue.pop(now);
             }
 
@@ -841,8 +850,8 @@ impl StreamTx {
 
         if pop_send_queue {
             // poll_packet_regular leaves the packet in the head of the send_queue
-            // PATCH(parley): or where `write_rtp_now` put it.
-            let pkt = match self.direct.take() {
+            // PATCH(parley): or in `direct`.
+            let pkt = match direct.take() {
                 Some(pkt) => {
                     self.send_queue.note_emitted(now);
                     pkt
@@ -951,12 +960,16 @@ impl StreamTx {
         })
     }
 
-    fn poll_packet_regular(&mut self, now: Instant) -> Option<NextPacket<'_>> {
+    fn poll_packet_regular<'a>(
+        &'a mut self,
+        now: Instant,
+        direct: &'a mut Option<RtpPacket>,
+    ) -> Option<NextPacket<'a>> {
         // exit via ? here is ok since that means there is nothing to send.
         // The packet remains in the head of the send queue until we
         // finish poll_packet, at which point we move it to the cache.
-        // PATCH(parley): a packet written with `write_rtp_now` comes first.
-        let pkt = match &mut self.direct {
+        // PATCH(parley): a packet from `packet_now` comes first.
+        let pkt = match direct {
             Some(pkt) => pkt,
             None => self.send_queue.peek()?,
         };

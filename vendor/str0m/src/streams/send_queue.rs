@@ -82,7 +82,7 @@ impl SendQueue {
         self.queue.is_empty()
     }
 
-    /// PATCH(parley): a packet left at `now` without being queued (`StreamTx::write_rtp_now`):
+    /// PATCH(parley): a packet left at `now` without being queued (`StreamTx::packet_now`):
     /// pushing and popping it at one instant would leave the queue's totals as they were.
     pub fn note_emitted(&mut self, now: Instant) {
         self.last_emitted = Some(now);
