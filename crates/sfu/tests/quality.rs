@@ -43,6 +43,17 @@ fn call() -> (World, usize, usize, usize) {
     (w, ada, bob, cy)
 }
 
+/// A simulcast publisher and one subscriber in `room`, connected and receiving.
+fn pair(room: &str) -> (World, usize, usize) {
+    let mut w = World::new();
+    let ada = w.join_simulcast("ada", room);
+    let bob = w.join("bob", room);
+    w.run_until(Duration::from_secs(5), "bob receives ada", |w| {
+        layer(w, bob, "ada") > 0
+    });
+    (w, ada, bob)
+}
+
 #[test]
 fn each_subscriber_gets_the_layer_its_tile_needs() {
     let (mut w, ada, bob, cy) = call();
@@ -163,12 +174,7 @@ const THIN_LINK: u64 = 50_000;
 
 #[test]
 fn a_link_too_thin_for_video_pauses_it_and_audio_continues() {
-    let mut w = World::new();
-    let ada = w.join_simulcast("ada", "p");
-    let bob = w.join("bob", "p");
-    w.run_until(Duration::from_secs(5), "bob receives ada", |w| {
-        layer(w, bob, "ada") > 0
-    });
+    let (mut w, ada, bob) = pair("p");
     let (bob_s, ada_s) = (w.peers[bob].session, w.peers[ada].session);
     let paused = move |w: &World, p: bool| {
         w.events.iter().any(|e| {
@@ -283,12 +289,7 @@ fn a_video_paused_beside_chromium_sized_audio_comes_back_with_the_link() {
 /// fixed 4 s of before).
 #[test]
 fn probing_a_link_too_thin_for_video_leaves_the_audio_through() {
-    let mut w = World::new();
-    let ada = w.join_simulcast("ada", "p");
-    let bob = w.join("bob", "p");
-    w.run_until(Duration::from_secs(5), "bob receives ada", |w| {
-        layer(w, bob, "ada") > 0
-    });
+    let (mut w, ada, bob) = pair("p");
     w.run(Duration::from_secs(5));
     w.peers[bob].down.rate = Some(THIN_LINK);
     w.run_until(Duration::from_secs(20), "video paused", |w| {
@@ -311,12 +312,7 @@ fn probing_a_link_too_thin_for_video_leaves_the_audio_through() {
 /// 26), so every forwarded video packet carried its MID for as long as it was sent.
 #[test]
 fn forwarded_video_stops_naming_its_track_once_the_viewer_reported() {
-    let mut w = World::new();
-    w.join_simulcast("ada", "m");
-    let bob = w.join("bob", "m");
-    w.run_until(Duration::from_secs(5), "bob receives ada", |w| {
-        layer(w, bob, "ada") > 0
-    });
+    let (mut w, _, bob) = pair("m");
     // Receiver reports go out every second or so.
     w.run(Duration::from_secs(3));
     let vp8 = *w.peers[bob]
