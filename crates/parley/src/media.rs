@@ -450,7 +450,10 @@ impl Worker {
         mut inbox: mpsc::Receiver<Inbound>,
         mut lead: LeadChannels,
     ) {
-        let mut bufs = vec![[0u8; BUF]; BATCH];
+        // On the heap (2 MB), as an array so that a read's slices need no allocation.
+        let Ok(mut bufs) = <Box<[[u8; BUF]; BATCH]>>::try_from(vec![[0u8; BUF]; BATCH]) else {
+            unreachable!("a vector of BATCH buffers");
+        };
         let mut metas = vec![RecvMeta::default(); BATCH];
         let reads = self.reader.is_some();
         let has_control = lead.control.is_some();
@@ -579,12 +582,9 @@ impl Worker {
         }
     }
 
-    fn receive(&mut self, bufs: &mut [[u8; BUF]], metas: &mut [RecvMeta]) {
+    fn receive(&mut self, bufs: &mut [[u8; BUF]; BATCH], metas: &mut [RecvMeta]) {
         loop {
-            let mut slices: Vec<IoSliceMut<'_>> = bufs
-                .iter_mut()
-                .map(|b| IoSliceMut::new(&mut b[..]))
-                .collect();
+            let mut slices = bufs.each_mut().map(|b| IoSliceMut::new(&mut b[..]));
             let res = self
                 .state
                 .recv(UdpSockRef::from(self.io.get_ref()), &mut slices, metas);

@@ -71,6 +71,8 @@ pub struct Sfu {
     to_drive: VecDeque<SessionId>,
     /// The time of the newest input not yet driven.
     pending_now: Option<Instant>,
+    /// The vector a session's poll puts its received packets in, kept between polls.
+    polled: Vec<(Mid, Option<Rid>, str0m::rtp::RtpPacket)>,
     /// Dominant speaker per room.
     dominant: HashMap<String, DominantSpeaker>,
     /// When layer selection, dynacast and speaker detection run next.
@@ -128,6 +130,7 @@ impl Sfu {
             transmits: VecDeque::new(),
             to_drive: VecDeque::new(),
             pending_now: None,
+            polled: Vec::new(),
             dominant: HashMap::new(),
             next_tick: None,
             stats: SfuStats::default(),
@@ -547,6 +550,7 @@ impl Sfu {
                 &mut self.events,
                 &mut self.stats,
                 &mut self.samples,
+                std::mem::take(&mut self.polled),
             );
             let timeout = out.timeout;
             if session.next_timeout != timeout {
@@ -582,9 +586,11 @@ impl Sfu {
                     self.request_keyframe(publisher, mid, rid, KeyframeRequestKind::Pli, now);
                 }
             }
-            for (mid, rid, pkt) in out.packets {
+            let mut packets = out.packets;
+            for (mid, rid, pkt) in packets.drain(..) {
                 self.forward(sid, mid, rid, &pkt, now);
             }
+            self.polled = packets;
         }
     }
 

@@ -280,7 +280,8 @@ pub(crate) struct PollOut {
     /// (publisher, its mid, rid, kind) to ask for a keyframe.
     pub keyframe_requests: Vec<(SessionId, Mid, Option<Rid>, KeyframeRequestKind)>,
     pub connected: bool,
-    /// Packets received, with the mid and rid of their stream.
+    /// Packets received, with the mid and rid of their stream (in the caller's vector, kept
+    /// between polls: a vector per received packet was an allocation on the forward path).
     pub packets: Vec<(Mid, Option<Rid>, RtpPacket)>,
 }
 
@@ -618,7 +619,8 @@ impl Session {
     }
 
     /// Drains str0m's output: datagrams go to `transmits`, events for signaling to `events`,
-    /// and what concerns other sessions is returned.
+    /// and what concerns other sessions is returned, the packets received in `packets` (an
+    /// empty vector of the caller's).
     pub fn poll(
         &mut self,
         now: Instant,
@@ -626,6 +628,7 @@ impl Session {
         events: &mut VecDeque<MediaEvent>,
         stats: &mut SfuStats,
         samples: &mut Vec<Sample>,
+        packets: Vec<(Mid, Option<Rid>, RtpPacket)>,
     ) -> PollOut {
         self.maybe_negotiate(events);
         self.send_deferred_keyframes(now, crate::KEYFRAME_THROTTLE);
@@ -636,7 +639,7 @@ impl Session {
             tracks_removed: Vec::new(),
             keyframe_requests: Vec::new(),
             connected: false,
-            packets: Vec::new(),
+            packets,
         };
         let mut spins = 0;
         loop {
