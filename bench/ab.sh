@@ -6,15 +6,16 @@
 #
 #   bench/ab.sh SCENARIO ROUNDS BINARY...      (SCENARIO: audio, screen or storm)
 #
-# The load tester is target/release/parley; build it first. Ports 18181 (HTTP) and 18544
+# The loads are `bench/run.sh`'s defaults (audio 15 calls, a share to 59 viewers). The load
+# tester is target/release/parley; build it first. Ports 18181 (HTTP) and 18544
 # (media) must be free.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [[ $# -ge 3 ]] || { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 scenario=$1; rounds=$2; shift 2
 case $scenario in
-    audio) args=(--calls 10 --users-per-call 10 --unmuted 2 --duration 20 --join-duration 5) ;;
-    screen) args=(--calls 1 --users-per-call 30 --unmuted 0 --screen-sharing 1 --duration 20 --join-duration 5) ;;
+    audio) args=(--calls 15 --users-per-call 10 --unmuted 2 --duration 20 --join-duration 5) ;;
+    screen) args=(--calls 1 --users-per-call 60 --unmuted 0 --screen-sharing 1 --duration 20 --join-duration 5) ;;
     storm) args=(--calls 20 --users-per-call 10 --unmuted 1 --duration 20 --join-duration 10) ;;
     *) echo "unknown scenario $scenario" >&2; exit 2 ;;
 esac

@@ -317,6 +317,12 @@ impl Sfu {
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         loop {
             if let Some(t) = self.transmits.pop_front() {
+                if self.transmits.is_empty() {
+                    // Back to the start of the ring (`clear` does that): the next round writes
+                    // into the few slots still in the cache, not on around a ring that a
+                    // burst (everyone joining at once) may have grown to megabytes.
+                    self.transmits.clear();
+                }
                 return Some(t);
             }
             let now = self.pending_now?;
@@ -418,7 +424,7 @@ impl Sfu {
             for other in members.iter().filter(|_| grants.subscribe) {
                 if let Some(o) = self.sessions.get(other) {
                     for t in o.tracks_in.iter().filter(|t| t.offered) {
-                        session.tracks_out.push(TrackOut::new(
+                        session.add_track_out(TrackOut::new(
                             *other,
                             t.mid,
                             t.kind,
@@ -618,9 +624,7 @@ impl Sfu {
         };
         for m in members.iter().filter(|m| **m != sid) {
             if let Some(other) = self.sessions.get_mut(m).filter(|o| o.can_subscribe) {
-                other
-                    .tracks_out
-                    .push(TrackOut::new(sid, mid, kind, source, &stream_id));
+                other.add_track_out(TrackOut::new(sid, mid, kind, source, &stream_id));
                 queue(&mut self.to_drive, other);
             }
         }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parley_proto::media::{MediaEvent, SessionId, TrackSource};
+use rustc_hash::FxHashMap;
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::crypto::dtls::DtlsCert;
@@ -42,8 +43,12 @@ pub(crate) struct Session {
     estimator_paused: bool,
     /// Tracks this participant publishes.
     pub tracks_in: Vec<TrackIn>,
-    /// Other participants' tracks forwarded to this one.
+    /// Other participants' tracks forwarded to this one. Added to with `add_track_out` and
+    /// removed from with `retain_tracks_out` only, which keep `out_index` right.
     pub tracks_out: Vec<TrackOut>,
+    /// The position in `tracks_out` of each (publisher, publisher's mid), the first if there
+    /// are two: a forwarded packet finds its track without a scan of `tracks_out`.
+    out_index: FxHashMap<(SessionId, Mid), usize>,
     /// Mids the participant declared as screen shares.
     pub screen_mids: Vec<Mid>,
     /// What the participant shows, once it told us (`None`: everything at best quality).
@@ -392,6 +397,7 @@ impl Session {
             queued: false,
             tracks_in: Vec::new(),
             tracks_out: Vec::new(),
+            out_index: FxHashMap::default(),
             screen_mids: Vec::new(),
             view: None,
             estimate: None,
@@ -534,8 +540,7 @@ impl Session {
                 }
             }
         }
-        self.tracks_out
-            .retain(|t| !matches!(t.state, TrackState::NegotiatingStop(_)));
+        self.retain_tracks_out(|t| !matches!(t.state, TrackState::NegotiatingStop(_)));
         self.pause_estimator_without_video();
         Ok(opened)
     }
@@ -548,16 +553,33 @@ impl Session {
                 _ => {}
             }
         }
-        self.tracks_out
-            .retain(|t| !(t.publisher_gone && t.state == TrackState::ToOpen));
+        self.retain_tracks_out(|t| !(t.publisher_gone && t.state == TrackState::ToOpen));
+    }
+
+    /// Adds a track to forward to this participant.
+    pub fn add_track_out(&mut self, track: TrackOut) {
+        self.out_index
+            .entry((track.publisher, track.publisher_mid))
+            .or_insert(self.tracks_out.len());
+        self.tracks_out.push(track);
+    }
+
+    /// Keeps the tracks forwarded to this participant that `keep` accepts.
+    fn retain_tracks_out(&mut self, keep: impl FnMut(&TrackOut) -> bool) {
+        self.tracks_out.retain(keep);
+        self.out_index.clear();
+        for (i, t) in self.tracks_out.iter().enumerate() {
+            self.out_index
+                .entry((t.publisher, t.publisher_mid))
+                .or_insert(i);
+        }
     }
 
     /// The publisher left (`mid` None), or stopped publishing track `mid`: stop forwarding.
     pub fn publisher_gone(&mut self, publisher: SessionId, mid: Option<Mid>) {
         let matches =
             |t: &TrackOut| t.publisher == publisher && mid.is_none_or(|m| m == t.publisher_mid);
-        self.tracks_out
-            .retain(|t| !(matches(t) && t.state == TrackState::ToOpen));
+        self.retain_tracks_out(|t| !(matches(t) && t.state == TrackState::ToOpen));
         for t in self.tracks_out.iter_mut().filter(|t| matches(t)) {
             t.publisher_gone = true;
             if let TrackState::Open(m) = t.state {
@@ -830,9 +852,9 @@ impl Session {
             return false;
         }
         let Some(t) = self
-            .tracks_out
-            .iter_mut()
-            .find(|t| t.publisher == inc.publisher && t.publisher_mid == inc.mid)
+            .out_index
+            .get(&(inc.publisher, inc.mid))
+            .and_then(|i| self.tracks_out.get_mut(*i))
         else {
             return false;
         };

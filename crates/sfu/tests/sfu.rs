@@ -98,6 +98,18 @@ fn rooms_are_isolated() {
 
 #[test]
 fn leaving_stops_its_media_and_the_rest_continue() {
+    leave_and_check("cy", "ada", "bob");
+}
+
+/// The first to join leaves: its tracks come first in everyone else's list of tracks to
+/// forward, so the tracks after them move up, and must still be found.
+#[test]
+fn the_first_to_leave_moves_the_others_tracks_and_they_still_flow() {
+    leave_and_check("ada", "bob", "cy");
+}
+
+/// Everyone in `NAMES` joins; `leaver` leaves; `x` and `y` still receive each other, not it.
+fn leave_and_check(leaver: &str, x: &str, y: &str) {
     let mut w = World::new();
     for n in NAMES {
         w.join(n, "room1");
@@ -105,24 +117,30 @@ fn leaving_stops_its_media_and_the_rest_continue() {
     w.run_until(Duration::from_secs(5), "full mesh", |w| {
         everyone_receives_everyone(w, &NAMES)
     });
-    let cy = w.peer("cy");
-    w.leave(cy);
+    let gone = w.peer(leaver);
+    w.leave(gone);
     w.run(Duration::from_millis(500));
-    let ada = w.peer("ada");
-    let bob = w.peer("bob");
-    let from_cy = w.received(ada, "cy", MediaKind::Video);
-    let ada_from_bob = w.received(ada, "bob", MediaKind::Video);
-    let bob_from_ada = w.received(bob, "ada", MediaKind::Video);
+    let (x_at, y_at) = (w.peer(x), w.peer(y));
+    let from_leaver = w.received(x_at, leaver, MediaKind::Video);
+    let counts = |w: &World| {
+        [MediaKind::Audio, MediaKind::Video]
+            .map(|k| (w.received(x_at, y, k), w.received(y_at, x, k)))
+    };
+    let before = counts(&w);
     w.run(Duration::from_secs(1));
     assert_eq!(
-        w.received(ada, "cy", MediaKind::Video),
-        from_cy,
+        w.received(x_at, leaver, MediaKind::Video),
+        from_leaver,
         "media from a leaver"
     );
-    assert!(w.received(ada, "bob", MediaKind::Video) > ada_from_bob + 10);
-    assert!(w.received(bob, "ada", MediaKind::Video) > bob_from_ada + 10);
-    // The stayers were offered the removal of cy's m-lines, and answered.
-    for i in [ada, bob] {
+    for (b, a) in before.iter().zip(counts(&w)) {
+        assert!(
+            a.0 > b.0 + 10 && a.1 > b.1 + 10,
+            "{x} and {y}: {b:?} then {a:?}"
+        );
+    }
+    // The stayers were offered the removal of the leaver's m-lines, and answered.
+    for i in [x_at, y_at] {
         assert!(
             w.peers[i].last_offer_id.unwrap_or(0) >= 2,
             "no renegotiation after leave"

@@ -1309,9 +1309,20 @@ impl Session {
     ) -> Option<DatagramSend> {
         let srtp_tx = self.srtp_tx.as_mut()?;
         let stream = self.streams.stream_tx_by_midrid(midrid)?;
-        let Some(media) = self.medias.iter().find(|m| m.mid() == stream.mid()) else {
-            trace!("Pacer pointed to mid {} which has no media", midrid.mid());
-            return None;
+        // PATCH(parley): the media where it was last time, without a scan of the medias (a
+        // cache miss each) while it is still there.
+        let mid = stream.mid();
+        let hint = stream.media_hint();
+        let media = match self.medias.get(hint).filter(|m| m.mid() == mid) {
+            Some(media) => media,
+            None => {
+                let Some(i) = self.medias.iter().position(|m| m.mid() == mid) else {
+                    trace!("Pacer pointed to mid {} which has no media", midrid.mid());
+                    return None;
+                };
+                stream.set_media_hint(i);
+                &self.medias[i]
+            }
         };
         let buf = &mut self.poll_packet_buf;
         let twcc_seq = self.twcc;

@@ -137,15 +137,20 @@ pub(crate) struct Streams {
 
     /// All outgoing encoded streams.
     ///
-    /// PATCH(parley): hashed with FxHash instead of SipHash. Looked up by SSRC once or twice
-    /// for every sent packet; the SSRCs are our own (random), so nobody can choose colliding
-    /// keys.
-    streams_tx: FxHashMap<Ssrc, StreamTx>,
+    /// PATCH(parley): a vector in the order the streams were declared, with `tx_index` (SSRC)
+    /// and `tx_midrids` (Mid/Rid) beside it, instead of a map by SSRC. A forwarded packet
+    /// finds its stream by Mid/Rid in the short, dense `tx_midrids` and goes straight to the
+    /// stream, without the hash table's control bytes and key, a cache miss each for a
+    /// subscriber last written to a packet ago.
+    streams_tx: Vec<StreamTx>,
 
-    /// PATCH(parley): the Mid/Rid of each send stream, in the order they were declared. A
-    /// lookup by Mid/Rid (once or twice per sent packet) scans this short, dense list instead
-    /// of the map's large `StreamTx` values, a cache miss each.
-    tx_midrids: Vec<(MidRid, Ssrc)>,
+    /// PATCH(parley): the position in `streams_tx` of each SSRC, hashed with FxHash (the
+    /// SSRCs are our own, random, so nobody can choose colliding keys). Rebuilt by
+    /// `reindex_tx` whenever a stream is removed or changes SSRC.
+    tx_index: FxHashMap<Ssrc, usize>,
+
+    /// PATCH(parley): the Mid/Rid of `streams_tx[i]` at `i`.
+    tx_midrids: Vec<MidRid>,
 
     /// Non-media padding source. Its sequence counter survives media changes.
     probe_tx: StreamTx,
@@ -188,7 +193,8 @@ impl Streams {
             streams_rx: Default::default(),
             rx_lookup: Default::default(),
             last_rx_lookup_cleanup: already_happened(),
-            streams_tx: Default::default(),
+            streams_tx: Vec::new(),
+            tx_index: Default::default(),
             tx_midrids: Vec::new(),
             probe_tx: StreamTx::new_probe(mtu_warn),
             probe_media: None,
@@ -345,27 +351,72 @@ impl Streams {
         rtx: Option<Ssrc>,
         midrid: MidRid,
     ) -> &mut StreamTx {
-        let tx_midrids = &mut self.tx_midrids;
-        self.streams_tx.entry(ssrc).or_insert_with(|| {
-            tx_midrids.push((midrid, ssrc));
-            StreamTx::new(ssrc, rtx, midrid, self.enable_stats, self.mtu_warn)
-        })
+        let i = match self.tx_index.get(&ssrc) {
+            Some(i) => *i,
+            None => {
+                let stream = StreamTx::new(ssrc, rtx, midrid, self.enable_stats, self.mtu_warn);
+                self.streams_tx.push(stream);
+                self.tx_midrids.push(midrid);
+                self.tx_index.insert(ssrc, self.streams_tx.len() - 1);
+                self.streams_tx.len() - 1
+            }
+        };
+        &mut self.streams_tx[i]
     }
 
     pub fn remove_stream_tx(&mut self, ssrc: Ssrc) -> bool {
-        self.tx_midrids.retain(|(_, s)| *s != ssrc);
-        self.streams_tx.remove(&ssrc).is_some()
+        let Some(i) = self.tx_index.get(&ssrc).copied() else {
+            return false;
+        };
+        self.streams_tx.remove(i);
+        self.tx_midrids.remove(i);
+        self.reindex_tx();
+        true
+    }
+
+    /// PATCH(parley): rebuilds `tx_index` and `tx_midrids` from `streams_tx`.
+    fn reindex_tx(&mut self) {
+        self.tx_index.clear();
+        self.tx_midrids.clear();
+        for (i, s) in self.streams_tx.iter().enumerate() {
+            self.tx_index.insert(s.ssrc(), i);
+            self.tx_midrids.push(s.midrid());
+        }
+    }
+
+    /// PATCH(parley): gives the send stream of `midrid` a new SSRC (and RTX), keeping the
+    /// index by SSRC right. `None` if there is no such stream or nothing would change.
+    pub(crate) fn reset_stream_tx_ssrc(
+        &mut self,
+        midrid: MidRid,
+        new_ssrc: Ssrc,
+        new_rtx: Option<Ssrc>,
+    ) -> Option<&mut StreamTx> {
+        let i = self.tx_midrids.iter().position(|m| midrid.special_equals(m))?;
+        let stream = &mut self.streams_tx[i];
+        // Don't change to the same SSRC
+        if stream.ssrc() == new_ssrc {
+            return None;
+        }
+        // If the stream has an RTX SSRC, New RTX must be provided and differ.
+        // But it is allowed to start or turn off RTX.
+        if stream.rtx().is_some() && stream.rtx() == new_rtx {
+            return None;
+        }
+        stream.reset_ssrc(new_ssrc, new_rtx);
+        self.reindex_tx();
+        Some(&mut self.streams_tx[i])
     }
 
     pub(crate) fn local_sender_ssrcs(&self) -> Vec<Ssrc> {
         self.streams_tx
-            .values()
+            .iter()
             .flat_map(|s| std::iter::once(s.ssrc()).chain(s.rtx()))
             .collect()
     }
 
     pub(crate) fn reset_send_buffers(&mut self) {
-        for stream in self.streams_tx.values_mut() {
+        for stream in self.streams_tx.iter_mut() {
             stream.reset_buffers();
         }
     }
@@ -375,7 +426,8 @@ impl Streams {
     }
 
     pub fn stream_tx(&mut self, ssrc: &Ssrc) -> Option<&mut StreamTx> {
-        self.streams_tx.get_mut(ssrc)
+        let i = *self.tx_index.get(ssrc)?;
+        self.streams_tx.get_mut(i)
     }
 
     /// Lookup the "main" SSRC and mid for a given SSRC(main or RTX).
@@ -417,7 +469,7 @@ impl Streams {
             .values()
             .filter(|s| !s.ssrc().is_probe())
             .map(|s| s.receiver_report_at(i));
-        let s = self.streams_tx.values().map(|s| s.sender_report_at(i));
+        let s = self.streams_tx.iter().map(|s| s.sender_report_at(i));
         r.chain(s).min()
     }
 
@@ -426,7 +478,7 @@ impl Streams {
     }
 
     pub(crate) fn send_stream(&self) -> Option<Instant> {
-        if self.streams_tx.values().any(|s| s.need_timeout()) {
+        if self.streams_tx.iter().any(|s| s.need_timeout()) {
             Some(already_happened())
         } else {
             None
@@ -476,13 +528,13 @@ impl Streams {
         }
 
         self.mids_to_report.clear(); // start over for StreamTx.
-        for stream in self.streams_tx.values() {
+        for stream in self.streams_tx.iter() {
             if stream.need_sr(now, intervals) {
                 self.mids_to_report.push(stream.mid());
             }
         }
 
-        for stream in self.streams_tx.values_mut() {
+        for stream in self.streams_tx.iter_mut() {
             let mid = stream.mid();
 
             // All StreamTx belonging to the same Mid are reported together.
@@ -506,7 +558,7 @@ impl Streams {
     }
 
     pub(crate) fn poll_keyframe_request(&mut self) -> Option<KeyframeRequest> {
-        self.streams_tx.values_mut().find_map(|s| {
+        self.streams_tx.iter_mut().find_map(|s| {
             let kind = s.poll_keyframe_request()?;
             Some(KeyframeRequest {
                 mid: s.mid(),
@@ -531,7 +583,7 @@ impl Streams {
 
     pub(crate) fn poll_remb_request(&mut self) -> Option<(Mid, Bitrate)> {
         self.streams_tx
-            .values_mut()
+            .iter_mut()
             .find_map(|s| s.poll_remb_request().map(|b| (s.mid(), b)))
     }
 
@@ -544,7 +596,7 @@ impl Streams {
     }
 
     pub(crate) fn has_stream_tx(&self, ssrc: Ssrc) -> bool {
-        self.streams_tx.contains_key(&ssrc)
+        self.tx_index.contains_key(&ssrc)
     }
 
     pub(crate) fn handle_dlrr(&mut self, now: Instant, dlrr: DlrrItem) {
@@ -566,12 +618,12 @@ impl Streams {
     }
 
     pub(crate) fn streams_tx(&mut self) -> impl Iterator<Item = &mut StreamTx> {
-        self.streams_tx.values_mut()
+        self.streams_tx.iter_mut()
     }
 
     pub(crate) fn ssrcs_tx(&self, mid: Mid) -> Vec<(Ssrc, Option<Ssrc>)> {
         self.streams_tx
-            .values()
+            .iter()
             .filter(|s| s.mid() == mid)
             .map(|s| (s.ssrc(), s.rtx()))
             .collect()
@@ -594,7 +646,7 @@ impl Streams {
                 continue;
             }
 
-            let has_rtx_tx = self.streams_tx.values().any(|s| s.rtx() == Some(ssrc));
+            let has_rtx_tx = self.streams_tx.iter().any(|s| s.rtx() == Some(ssrc));
             if has_rtx_tx {
                 continue;
             }
@@ -623,9 +675,9 @@ impl Streams {
     }
 
     pub(crate) fn first_ssrc_local(&mut self) -> Ssrc {
-        if let Some(ssrc) = self.streams_tx.keys().next() {
+        if let Some(stream) = self.streams_tx.first() {
             // If there is some local Tx SSRC, use that.
-            *ssrc
+            stream.ssrc()
         } else {
             // Fallback in case we don't have any Tx SSRC.
             if *self.default_ssrc_tx == 0 {
@@ -662,7 +714,7 @@ impl Streams {
             queue.midrid = MidRid(MID_PROBE, None);
             queue
         });
-        let mut streams = self.streams_tx.values_mut();
+        let mut streams = self.streams_tx.iter_mut();
         std::iter::from_fn(move || {
             if let Some(stream) = streams.next() {
                 let mut queue = stream.queue_state(now);
@@ -687,13 +739,12 @@ impl Streams {
             self.probe_media?;
             return Some(&mut self.probe_tx);
         }
-        // PATCH(parley): through the dense index (see `tx_midrids`).
-        let ssrc = self
+        // PATCH(parley): through the dense index (see `streams_tx`).
+        let i = self
             .tx_midrids
             .iter()
-            .find(|(m, _)| midrid.special_equals(m))?
-            .1;
-        self.streams_tx.get_mut(&ssrc)
+            .position(|m| midrid.special_equals(m))?;
+        self.streams_tx.get_mut(i)
     }
 
     pub(crate) fn stream_rx_by_midrid(&mut self, midrid: MidRid) -> Option<&mut StreamRx> {
@@ -701,15 +752,15 @@ impl Streams {
     }
 
     pub(crate) fn remove_streams_by_mid(&mut self, mid: Mid) {
-        self.streams_tx.retain(|_, s| s.mid() != mid);
-        self.tx_midrids.retain(|(m, _)| m.mid() != mid);
+        self.streams_tx.retain(|s| s.mid() != mid);
+        self.reindex_tx();
         self.streams_rx.retain(|_, s| s.mid() != mid);
         self.rx_lookup.retain(|_, v| v.mid != mid);
     }
 
     /// An iterator over all the tx streams for a given mid.
     pub(crate) fn streams_tx_by_mid(&mut self, mid: Mid) -> impl Iterator<Item = &mut StreamTx> {
-        self.streams_tx.values_mut().filter(move |s| s.mid() == mid)
+        self.streams_tx.iter_mut().filter(move |s| s.mid() == mid)
     }
 
     /// An iterator over all the rx streams for a given mid.

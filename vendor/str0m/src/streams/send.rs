@@ -179,6 +179,10 @@ pub struct StreamTx {
 
     /// MTU warn threshold; used to cap spurious-padding RTX cache lookups.
     mtu_warn: usize,
+
+    /// PATCH(parley): where this stream's media was in the session's list when last looked
+    /// up (see `Session::poll_packet_of`); checked before use, as medias can be removed.
+    media_hint: usize,
 }
 
 /// RTP packet data to enqueue on a direct RTP send stream.
@@ -390,6 +394,7 @@ impl StreamTx {
             remote_acked_ssrc: false,
             remote_acked_rtx_ssrc: false,
             mtu_warn,
+            media_hint: 0,
         }
     }
 
@@ -426,6 +431,21 @@ impl StreamTx {
     /// In SDP this corresponds to m-line and "Media".
     pub fn mid(&self) -> Mid {
         self.midrid.mid()
+    }
+
+    /// PATCH(parley): see `media_hint`.
+    pub(crate) fn media_hint(&self) -> usize {
+        self.media_hint
+    }
+
+    /// PATCH(parley): see `media_hint`.
+    pub(crate) fn set_media_hint(&mut self, i: usize) {
+        self.media_hint = i;
+    }
+
+    /// PATCH(parley): Mid and Rid together (see `Streams::reindex_tx`).
+    pub(crate) fn midrid(&self) -> MidRid {
+        self.midrid
     }
 
     /// Rid for this stream.
