@@ -5,7 +5,7 @@
 #
 #   bench/run.sh [--quick] [--duration S] [--audio-calls C] [--viewers V]
 #                [--targets parley,janus,floor] [--scenarios audio,screen,storm]
-#                [--rounds R] [--out DIR] [--no-build]
+#                [--rounds R] [--out DIR] [--no-build] [--profile P]
 #
 # Scenarios:
 #   audio   --calls C --users-per-call 10 --unmuted 2             (C = --audio-calls, default 15)
@@ -20,6 +20,10 @@
 # session. Sessions 2-16 ran audio at 10 calls and the screen share at 30 users.
 # --quick shrinks every scenario to a few users and seconds: a smoke test that each adapter
 # works end to end (well under 2 minutes after the build).
+#
+# --profile P (default dist, what the container image and the systemd install ship: the release
+# build with link-time optimisation; see Cargo.toml) is the cargo profile whose parley and floor
+# binaries run, from target/P (the load tester too). --no-build uses them as they are.
 #
 # --rounds R (default 1) repeats the whole sequence R times, the targets of a scenario one after
 # the other in each round. On a shared host whose steal time comes and goes, the medians of R
@@ -53,6 +57,7 @@ scenarios=audio,screen,storm
 quick=0
 rounds=1
 build=1
+profile=dist
 out=""
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -68,6 +73,7 @@ while [[ $# -gt 0 ]]; do
         --rounds) need "$@"; rounds=$2; shift 2 ;;
         --out) need "$@"; out=$2; shift 2 ;;
         --no-build) build=0; shift ;;
+        --profile) need "$@"; profile=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -144,7 +150,7 @@ start_server() {
             port=$(free_port)
             local rtc
             rtc=$(free_port)
-            "${pin_server[@]}" target/release/parley serve --http "127.0.0.1:$port" --rtc-port "$rtc" \
+            "${pin_server[@]}" "target/$profile/parley" serve --http "127.0.0.1:$port" --rtc-port "$rtc" \
                 --public-ip 127.0.0.1 >"$slog" 2>&1 &
             server_pid=$!
             url="ws://127.0.0.1:$port/ws"
@@ -159,7 +165,7 @@ start_server() {
             ;;
         floor)
             port=$(free_port)
-            "${pin_server[@]}" target/release/floor --listen "127.0.0.1:$port" >"$slog" 2>&1 &
+            "${pin_server[@]}" "target/$profile/floor" --listen "127.0.0.1:$port" >"$slog" 2>&1 &
             server_pid=$!
             url="udp://127.0.0.1:$port"
             for i in $(seq 100); do
@@ -201,8 +207,8 @@ for s in ${scenarios//,/ }; do
 done
 
 if [[ $build == 1 ]]; then
-    log "cargo build --release -p parley -p parley-floor"
-    cargo build --release -p parley -p parley-floor || { log "build failed"; exit 1; }
+    log "cargo build --profile $profile -p parley -p parley-floor"
+    cargo build --profile "$profile" -p parley -p parley-floor || { log "build failed"; exit 1; }
 fi
 
 for round in $(seq "$rounds"); do
@@ -227,7 +233,7 @@ for s in ${scenarios//,/ }; do
             log "$s / $t: parley lt ${args[*]} --target $t --url $url --server-pid $server_pid"
             read -r total0 steal0 < <(cpu_jiffies)
             # Generous limit: joins + steady window + shutdown.
-            timeout 600 "${pin_lt[@]}" target/release/parley lt "${args[@]}" --target "$t" --url "$url" \
+            timeout 600 "${pin_lt[@]}" "target/$profile/parley" lt "${args[@]}" --target "$t" --url "$url" \
                 --server-pid "$server_pid" >"$txt" 2>"$errf"
             rc=$?
             read -r total1 steal1 < <(cpu_jiffies)

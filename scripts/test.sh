@@ -69,6 +69,6 @@ log "browser tests (headless Chromium)"
 )
 
 log "load tester end to end against Parley, Janus and the UDP floor (bench/run.sh --quick)"
-bench/run.sh --quick --no-build --out "$(mktemp -d -t parley-bench-smoke.XXXXXX)"
+bench/run.sh --quick --no-build --profile release --out "$(mktemp -d -t parley-bench-smoke.XXXXXX)"
 
 log "all tests passed"
