@@ -12,6 +12,11 @@
 #
 # audio: `--calls 2 --users-per-call 5 --unmuted 2`; screen: one share to 3 viewers (valgrind
 # keeps up with no more). Ports 18181 (HTTP) and 18544 (media) must be free; needs valgrind.
+#
+# LT_ARGS="..." replaces the scenario's load (e.g. `--calls 4 --users-per-call 10 --unmuted 2`,
+# about the most audio valgrind keeps up with); CACHE_SIM=1 adds callgrind's cache simulation
+# (32 KB first-level caches and a 1 MB last level, the size of this machine's L2), whose miss
+# counts per function `callgrind_annotate` then shows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/parley-callgrind.out}
@@ -21,9 +26,12 @@ case ${3:-audio} in
     screen) args=(--calls 1 --users-per-call 4 --unmuted 0 --screen-sharing 1) ;;
     *) echo "unknown scenario $3" >&2; exit 2 ;;
 esac
+[[ -n ${LT_ARGS:-} ]] && read -r -a args <<<"$LT_ARGS"
+cache=()
+[[ ${CACHE_SIM:-0} == 1 ]] && cache=(--cache-sim=yes --LL=1048576,16,64)
 log=$(mktemp -d)
 trap 'rm -rf "$log"' EXIT
-valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
+valgrind --tool=callgrind "${cache[@]}" --instr-atstart=no --callgrind-out-file="$out" \
     "$bin" serve --http 127.0.0.1:18181 --rtc-port 18544 --public-ip 127.0.0.1 \
     --media-workers 1 >"$log/server.log" 2>&1 &
 spid=$!
