@@ -369,7 +369,6 @@ impl Streams {
             return false;
         };
         self.streams_tx.remove(i);
-        self.tx_midrids.remove(i);
         self.reindex_tx();
         true
     }
