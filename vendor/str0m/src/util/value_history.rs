@@ -1,4 +1,3 @@
-use std::iter::Sum;
 use std::ops::{AddAssign, SubAssign};
 use std::time::{Duration, Instant};
 
@@ -37,7 +36,7 @@ impl<T: Default + Copy> Default for ValueHistory<T> {
 
 impl<T> ValueHistory<T>
 where
-    T: Default + Copy + AddAssign + SubAssign + Sum,
+    T: Default + Copy + AddAssign + SubAssign,
 {
     /// Adds a timed value. A value older than the window is dropped.
     pub fn push(&mut self, t: Instant, v: T) {
