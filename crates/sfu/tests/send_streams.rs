@@ -69,3 +69,42 @@ fn indexes_follow_declares_removals_and_resets() {
     assert_eq!(lookup(&mut rtc, 5, b, high), (Some(ssrc(5)), Some(ssrc(5))));
     assert_eq!(lookup(&mut rtc, 4, c, None), (Some(ssrc(4)), Some(ssrc(4))));
 }
+
+/// `Rtc::send_path` (str0m patch 32) names, stage by stage, memory that a send on a Mid reads:
+/// its stream from stage 2 on, so only for a Mid that has one.
+#[test]
+fn the_send_path_names_the_stream_of_the_mid_only() {
+    let mut rtc = Rtc::new(std::time::Instant::now());
+    let (a, b) = (Mid::from("a"), Mid::from("b"));
+    {
+        let mut api = rtc.direct_api();
+        api.declare_media(a, MediaKind::Audio);
+        api.declare_media(b, MediaKind::Video);
+        api.declare_stream_tx(ssrc(1), None, a, None);
+    }
+    let named = |mid: Option<Mid>, stage: usize| {
+        let mut v = Vec::new();
+        let more = rtc.send_path(mid, stage, &mut |p| v.push(p as usize));
+        (v, more)
+    };
+    let rtc_at = &rtc as *const Rtc as usize;
+    let inside_rtc = |p: usize| (rtc_at..rtc_at + size_of::<Rtc>()).contains(&p);
+
+    // Stage 0: fields of the Rtc itself, whatever the Mid.
+    let (zero, more) = named(None, 0);
+    assert!(more && !zero.is_empty());
+    assert!(zero.iter().all(|p| inside_rtc(*p)), "stage 0 left the Rtc");
+    // Stage 1: what those fields point at (the Mid/Rid list, payload types...), on the heap.
+    let (one, more) = named(None, 1);
+    assert!(more && one.iter().any(|p| !inside_rtc(*p)));
+    // Stage 2: the stream, on the heap; with no Mid or one without a stream, nothing.
+    let (two, _) = named(Some(a), 2);
+    assert!(two.len() >= 10 && two.iter().all(|p| !inside_rtc(*p)));
+    assert!(named(Some(b), 2).0.is_empty());
+    assert!(named(None, 2).0.is_empty());
+    // Stage 3: the stream's media, then no more.
+    let (three, more) = named(Some(a), 3);
+    assert!(!more && !three.is_empty());
+    assert!(three.iter().all(|p| !two.contains(p)));
+    assert_eq!(named(Some(a), 4), (vec![], false));
+}

@@ -1460,6 +1460,23 @@ impl Rtc {
         SdpApi::new(self)
     }
 
+    /// PATCH(parley): names to `f` the memory that a direct send
+    /// ([`DirectApi::send_rtp_now`]) on `mid` reads, in stages, so that an application about to
+    /// write one packet to many sessions can prefetch that memory for all of them first, rather
+    /// than wait for each cache miss in turn. Stage 0 names fields of this `Rtc`; each later
+    /// stage reads only memory that the stages before it named; the stages from 2 on need the
+    /// Mid (with `None` they name nothing). Returns whether a later stage may name more.
+    pub fn send_path(&self, mid: Option<Mid>, stage: usize, f: &mut impl FnMut(*const u8)) -> bool {
+        if stage == 0 {
+            f(util::addr(&self.state));
+            f(util::addr(&self.send_addr));
+            f(util::addr(&self.readiness));
+            f(util::addr(&self.cached_rest_timeout));
+            f(util::addr(&self.peer_bytes_tx));
+        }
+        self.session.send_path(mid, stage, f)
+    }
+
     /// Makes direct changes to the Rtc session.
     ///
     /// This is a low level API. For "normal" use via SDP, see [`Rtc::sdp_api()`].

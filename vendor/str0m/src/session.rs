@@ -27,6 +27,7 @@ use crate::rtp_::Direction;
 use crate::rtp_::ExtensionValues;
 use crate::rtp_::MediaTime;
 use crate::rtp_::MidRid;
+use crate::util::{addr, lines};
 use crate::rtp_::Pli;
 use crate::rtp_::Pt;
 use crate::rtp_::SRTCP_OVERHEAD;
@@ -1299,6 +1300,63 @@ impl Session {
             stream.requeue(packet, now);
         }
         Ok(sent)
+    }
+
+    /// PATCH(parley): see `Rtc::send_path`.
+    pub(crate) fn send_path(
+        &self,
+        mid: Option<Mid>,
+        stage: usize,
+        f: &mut impl FnMut(*const u8),
+    ) -> bool {
+        let stream = || self.streams.stream_tx_ref(MidRid(mid?, None));
+        match stage {
+            0 => {
+                f(addr(&self.rtp_closing));
+                f(addr(&self.srtp_tx));
+                lines(&self.pacer, f);
+                f(addr(&self.direct_packet));
+                f(addr(&self.poll_packet_buf));
+                f(addr(&self.twcc));
+                f(addr(&self.codec_config));
+                f(addr(&self.audio_transport_cc));
+                f(addr(&self.twcc_tx_register));
+                f(addr(&self.bwe));
+                f(addr(&self.media_bytes_tx));
+                f(addr(&self.raw_packets));
+                f(addr(&self.medias));
+                self.streams.send_path(f);
+                true
+            }
+            1 => {
+                self.streams.send_path_lists(f);
+                // The payload types a send looks through (68 bytes each).
+                for p in self.codec_config.params().iter().take(8) {
+                    f(addr(p));
+                }
+                f(self.poll_packet_buf.as_ptr());
+                self.twcc_tx_register.send_path(f);
+                if let Some(srtp) = &self.srtp_tx {
+                    srtp.send_path(f);
+                }
+                true
+            }
+            2 => {
+                if let Some(stream) = stream() {
+                    stream.send_path(f);
+                }
+                true
+            }
+            3 => {
+                if let Some(stream) = stream()
+                    && let Some(media) = self.medias.get(stream.media_hint())
+                {
+                    media.send_path(f);
+                }
+                false
+            }
+            _ => false,
+        }
     }
 
     fn poll_packet_of(

@@ -674,6 +674,13 @@ impl Media {
         &self.remote_pts
     }
 
+    /// PATCH(parley): the fields a direct send reads (see `Rtc::send_path`, stage 3).
+    pub(crate) fn send_path(&self, f: &mut impl FnMut(*const u8)) {
+        f(crate::util::addr(&self.mid));
+        f(crate::util::addr(&self.kind));
+        crate::util::lines(&self.remote_exts, f);
+    }
+
     /// The remote, agreed on, extension map, configured for this Media.
     ///
     /// For the SDP API, these are negotiated with the remote peer.

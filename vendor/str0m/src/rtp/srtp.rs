@@ -248,6 +248,16 @@ impl DecryptWarnings {
 }
 
 impl SrtpContext {
+    /// PATCH(parley): the RTP cipher a direct send calls (see `Rtc::send_path`, stage 1).
+    pub(crate) fn send_path(&self, f: &mut impl FnMut(*const u8)) {
+        let enc: *const u8 = match &self.rtp {
+            Derived::Aes128CmSha1_80 { enc, .. } => std::ptr::from_ref(&**enc).cast(),
+            Derived::AeadAes128Gcm { enc, .. } => std::ptr::from_ref(&**enc).cast(),
+            Derived::AeadAes256Gcm { enc, .. } => std::ptr::from_ref(&**enc).cast(),
+        };
+        f(enc);
+    }
+
     pub fn protect_rtp(
         &mut self,
         buf: &[u8],

@@ -7,6 +7,7 @@ use std::time::Duration;
 use std::time::Instant;
 
 use crate::config_mod::RtcpReportIntervals;
+use crate::util::addr;
 use crate::format::CodecConfig;
 use crate::format::PayloadParams;
 use crate::media::{KeyframeRequest, MID_PROBE, Media, SenderFeedback};
@@ -731,6 +732,28 @@ impl Streams {
             queue.use_for_padding = !media_padding;
             Some(queue)
         })
+    }
+
+    /// PATCH(parley): `stream_tx_by_midrid`, to read.
+    pub(crate) fn stream_tx_ref(&self, midrid: MidRid) -> Option<&StreamTx> {
+        let i = self
+            .tx_midrids
+            .iter()
+            .position(|m| midrid.special_equals(m))?;
+        self.streams_tx.get(i)
+    }
+
+    /// PATCH(parley): the fields a direct send reads (see `Rtc::send_path`, stage 0).
+    pub(crate) fn send_path(&self, f: &mut impl FnMut(*const u8)) {
+        f(addr(&self.tx_midrids));
+        f(addr(&self.streams_tx));
+    }
+
+    /// PATCH(parley): the Mid/Rid list a direct send scans (`Rtc::send_path`, stage 1).
+    pub(crate) fn send_path_lists(&self, f: &mut impl FnMut(*const u8)) {
+        for line in self.tx_midrids.chunks(64 / size_of::<MidRid>().max(1)) {
+            f(addr(&line[0]));
+        }
     }
 
     pub(crate) fn stream_tx_by_midrid(&mut self, midrid: MidRid) -> Option<&mut StreamTx> {

@@ -3,6 +3,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
+use crate::util::addr;
 use crate::config_mod::RtcpReportIntervals;
 use crate::format::CodecConfig;
 use crate::format::PayloadParams;
@@ -431,6 +432,30 @@ impl StreamTx {
     /// In SDP this corresponds to m-line and "Media".
     pub fn mid(&self) -> Mid {
         self.midrid.mid()
+    }
+
+    /// PATCH(parley): the fields a direct send reads (see `Rtc::send_path`, stage 2).
+    pub(crate) fn send_path(&self, f: &mut impl FnMut(*const u8)) {
+        f(addr(&self.ssrc));
+        f(addr(&self.rtx));
+        f(addr(&self.midrid));
+        f(addr(&self.kind));
+        f(addr(&self.clock_rate));
+        f(addr(&self.seq_no));
+        f(addr(&self.last_sent_seq_no));
+        f(addr(&self.last_used));
+        f(addr(&self.rtp_and_wallclock));
+        f(addr(&self.send_queue));
+        f(addr(&self.queue_info));
+        f(addr(&self.unpaced));
+        f(addr(&self.resends));
+        f(addr(&self.rtx_cache));
+        crate::util::lines(&self.rtx_ratio_cap, f);
+        f(addr(&self.stats));
+        f(addr(&self.rtx_ratio));
+        f(addr(&self.pt_for_padding));
+        f(addr(&self.remote_acked_ssrc));
+        f(addr(&self.media_hint));
     }
 
     /// PATCH(parley): see `media_hint`.

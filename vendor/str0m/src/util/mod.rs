@@ -13,6 +13,20 @@ pub(crate) use time_tricks::{already_happened, epoch_to_beginning};
 mod average;
 pub(crate) use average::MovingAverage;
 
+/// PATCH(parley): the address of a value, for `Rtc::send_path`.
+pub(crate) fn addr<T: ?Sized>(x: &T) -> *const u8 {
+    std::ptr::from_ref(x).cast()
+}
+
+/// PATCH(parley): every cache line of a value, for `Rtc::send_path`.
+pub(crate) fn lines<T>(x: &T, f: &mut impl FnMut(*const u8)) {
+    let start = addr(x);
+    for offset in (0..size_of::<T>()).step_by(64) {
+        f(start.wrapping_add(offset));
+    }
+    f(start.wrapping_add(size_of::<T>().saturating_sub(1)));
+}
+
 pub(crate) trait Soonest {
     fn soonest(self, other: Self) -> Self;
 }

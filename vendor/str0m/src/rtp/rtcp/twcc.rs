@@ -1179,6 +1179,16 @@ impl TwccSendRegister {
         }
     }
 
+    /// PATCH(parley): where `register_seq` writes (see `Rtc::send_path`, stage 1).
+    pub(crate) fn send_path(&self, f: &mut impl FnMut(*const u8)) {
+        if let Some(back) = self.queue.back() {
+            f(std::ptr::from_ref(back).cast());
+        }
+        if let Some(front) = self.queue.front() {
+            f(std::ptr::from_ref(front).cast());
+        }
+    }
+
     pub fn register_seq(&mut self, packet_id: TwccPacketId, now: Instant, size: usize) {
         self.last_registered = packet_id.seq();
         self.queue.push_back(TwccSendRecord {
