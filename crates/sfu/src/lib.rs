@@ -96,8 +96,8 @@ struct Grants {
 /// How often layers are chosen, publishers' layers paused or resumed, and speakers ranked.
 const TICK: Duration = Duration::from_millis(200);
 /// A packet is forwarded to its subscribers this many at a time, their state prefetched for
-/// all of them first (`Session::prefetch_write`): some 20 cache lines each, so that a chunk's
-/// fits in the first-level cache.
+/// all of them first (`Session::prefetch_write`): some 40 cache lines each, so that a chunk's
+/// fit in the 32 KB first-level cache.
 const PREFETCH_AHEAD: usize = 8;
 /// A layer with no packet for this long is not flowing (paused at the encoder, or lost).
 const LAYER_ALIVE: Duration = Duration::from_millis(1000);

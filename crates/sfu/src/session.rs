@@ -28,7 +28,7 @@ const MAX_IMMEDIATE: u32 = 8;
 pub(crate) const RTX_MAX_AGE: Duration = Duration::from_millis(1500);
 /// Payload types a forwarded track remembers the mapping of.
 const PT_MAP_LEN: usize = 4;
-/// The stages of `Session::prefetch_write`.
+/// The stages of `Session::prefetch_write` (those of str0m's `Rtc::send_path`).
 pub(crate) const PREFETCH_STAGES: usize = 4;
 
 pub(crate) struct Session {

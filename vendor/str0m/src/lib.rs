@@ -1466,7 +1466,12 @@ impl Rtc {
     /// than wait for each cache miss in turn. Stage 0 names fields of this `Rtc`; each later
     /// stage reads only memory that the stages before it named; the stages from 2 on need the
     /// Mid (with `None` they name nothing). Returns whether a later stage may name more.
-    pub fn send_path(&self, mid: Option<Mid>, stage: usize, f: &mut impl FnMut(*const u8)) -> bool {
+    pub fn send_path(
+        &self,
+        mid: Option<Mid>,
+        stage: usize,
+        f: &mut impl FnMut(*const u8),
+    ) -> bool {
         if stage == 0 {
             f(util::addr(&self.state));
             f(util::addr(&self.send_addr));

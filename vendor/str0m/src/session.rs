@@ -1347,6 +1347,8 @@ impl Session {
                 }
                 true
             }
+            // The media where the stream last found it: unchecked, as checking would read the
+            // media; a stale hint only prefetches the wrong lines.
             3 => {
                 if let Some(stream) = stream()
                     && let Some(media) = self.medias.get(stream.media_hint())
